@@ -1,0 +1,332 @@
+"""Orbax checkpointing for the trainer: async saves of the train state plus the
+grain data iterator, retention, preemption, and restore onto any mesh.
+
+Layout of a workdir (what orbax 0.12.8 writes; `Checkpointer` reads nothing else):
+
+  <dir>/<step>/                      one folder per step, a plain integer name
+    commit_success.txt               written by orbax when the step is finalized
+    _CHECKPOINT_METADATA             JSON: item handlers, init/commit timestamps
+    state/_METADATA ...              the train state (StandardSave, OCDBT/zarr)
+    data/process_<i>-of-<n>.json     the grain iterator state (optional)
+  <dir>/<step>.orbax-checkpoint-tmp-<ts>/   a save in flight (renamed when done)
+
+The training loop is expected to:
+  ckpt = Checkpointer(workdir, save_interval_steps=...)
+  install_sigterm_handler()                 # single-process preemption support
+  state = ckpt.restore(None, abstract_state, data_iter) if ckpt.latest_step() ...
+  for step ...:
+    ckpt.save(step, state, data_iter)
+    if ckpt.reached_preemption(step):
+      ckpt.save(step, state, data_iter, force=True); ckpt.wait_until_finished(); break
+  ckpt.close()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+COMMIT_FILE = "commit_success.txt"
+INCOMPLETE_SUFFIX = ".incomplete-"
+
+
+class CheckpointError(Exception):
+  """A checkpoint is missing, incomplete, corrupt or incompatible with the target."""
+
+
+# ----------------------------------------------------------------------------
+# Completeness of a step folder.
+
+def step_dir_problem(step_dir: epath.PathLike) -> str | None:
+  """Returns why `step_dir` is not a complete checkpoint, or None if it is.
+
+  Rule (orbax 0.12.8): it finalizes a step by writing `commit_success.txt` in it
+  (into the tmp dir before the atomic rename on local disks, in place on GCS),
+  so a step folder without it was interrupted mid-save or copied partially.
+  We also require the state item's metadata to parse, and every item named in
+  `_CHECKPOINT_METADATA` to exist, which catches hand-made partial copies.
+  """
+  step_dir = epath.Path(step_dir)
+  if not step_dir.is_dir():
+    return "not a directory"
+  if not (step_dir / COMMIT_FILE).exists():
+    return f"no {COMMIT_FILE} (save was interrupted or never finalized)"
+  state_md = step_dir / STATE_ITEM / "_METADATA"
+  try:
+    if "tree_metadata" not in json.loads(state_md.read_text()):
+      return f"{state_md} has no tree_metadata"
+  except (OSError, ValueError) as e:
+    return f"unreadable {state_md}: {type(e).__name__}: {e}"
+  try:
+    items = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text()).get("item_handlers") or {}
+  except (OSError, ValueError) as e:
+    return f"unreadable {step_dir / '_CHECKPOINT_METADATA'}: {type(e).__name__}: {e}"
+  for item in items:
+    if not (step_dir / item).is_dir():
+      return f"item folder {item!r} is missing"
+  return None
+
+
+def scan_steps(directory: epath.PathLike) -> tuple[list[int], dict[int, str]]:
+  """Returns (complete steps ascending, {incomplete step: reason}) under `directory`.
+
+  Only plain-integer folder names are steps; orbax's in-flight
+  `*.orbax-checkpoint-tmp-*` folders and our `*.incomplete-*` ones are not.
+  """
+  directory = epath.Path(directory)
+  complete, incomplete = [], {}
+  if not directory.is_dir():
+    return complete, incomplete
+  for p in directory.iterdir():
+    if not p.name.isdigit() or not p.is_dir():
+      continue
+    problem = step_dir_problem(p)
+    if problem is None:
+      complete.append(int(p.name))
+    else:
+      incomplete[int(p.name)] = problem
+  return sorted(complete), incomplete
+
+
+# ----------------------------------------------------------------------------
+# SIGTERM fallback for preemption when jax.distributed is not initialized.
+
+_SIGTERM = threading.Event()
+
+
+def install_sigterm_handler() -> Any:
+  """Makes SIGTERM set a flag that `Checkpointer.reached_preemption` reports.
+
+  The trainer calls this once at start-up, so that a preempted single-process
+  job saves and exits cleanly instead of dying mid-step. With several processes
+  JAX's preemption service (jax.distributed) owns SIGTERM and this does nothing.
+  Returns the previous handler (for tests that want to put it back).
+  """
+  if jax.process_count() > 1:
+    logging.info("Multi-process run: preemption comes from jax.distributed; no SIGTERM handler.")
+    return signal.getsignal(signal.SIGTERM)
+  previous = signal.getsignal(signal.SIGTERM)
+
+  def handler(signum, frame):
+    logging.warning("SIGTERM received: will save a checkpoint and stop at the next step.")
+    _SIGTERM.set()
+    # Chain a Python-level handler someone else installed, but never SIG_DFL,
+    # which would kill us before we can save.
+    if callable(previous):
+      previous(signum, frame)
+
+  signal.signal(signal.SIGTERM, handler)
+  return previous
+
+
+def sigterm_received() -> bool:
+  return _SIGTERM.is_set()
+
+
+# ----------------------------------------------------------------------------
+# Tree helpers.
+
+def _key_str(k: Any) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  """'params/Transformer/encoderblock_0/...' for a jax tree path."""
+  return "/".join(_key_str(k) for k in path)
+
+
+def flatten_with_names(tree: Any, is_leaf=None) -> dict[str, Any]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return {path_str(p): v for p, v in leaves}
+
+
+def short_error(e: BaseException, limit: int = 300) -> str:
+  """One line for an orbax/tensorstore error: the innermost cause, without the spec dump."""
+  chain, seen = [e], {id(e)}
+  while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
+    chain.append(nxt)
+    seen.add(id(nxt))
+  inner = chain[-1]
+  text = (str(inner).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+  return f"{type(inner).__name__}: {text[:limit]}"
+
+
+# ----------------------------------------------------------------------------
+
+class Checkpointer:
+  """An orbax CheckpointManager over items ("state", "data") with safety checks."""
+
+  def __init__(self, directory: str, *, save_interval_steps: int, max_to_keep: int | None = 3,
+               keep_period: int | None = None, async_save: bool = True):
+    # orbax refuses relative local paths; leave URLs (gs://...) alone.
+    self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+    self._warned: set[str] = set()
+    self._set_aside_incomplete()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps,
+            max_to_keep=max_to_keep,
+            keep_period=keep_period,
+            enable_async_checkpointing=async_save,
+            create=True,
+        ),
+        item_names=(STATE_ITEM, DATA_ITEM),
+    )
+
+  def _set_aside_incomplete(self) -> None:
+    """Renames incomplete step folders to `<step>.incomplete-<unix time>`.
+
+    Left in place, orbax counts them as steps: it would refuse to save that step
+    again ("already exists"), skip saves below it, and let them take a
+    max_to_keep slot. Renaming keeps the bytes for inspection. Process 0 renames;
+    the others wait at a barrier so every process then sees the same steps.
+    """
+    _, incomplete = scan_steps(self.directory)
+    if incomplete and jax.process_index() == 0:
+      for step, why in sorted(incomplete.items()):
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}{INCOMPLETE_SUFFIX}{int(time.time())}"
+        logging.warning("Incomplete checkpoint %s (%s): moved aside to %s, not used.", src, why, dst)
+        src.rename(dst)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("big_vision_lite_checkpointer_set_aside")
+
+  # -- queries ---------------------------------------------------------------
+
+  def step_path(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  def all_steps(self) -> list[int]:
+    """Complete checkpoint steps, ascending. Incomplete ones are logged once, skipped."""
+    complete, incomplete = scan_steps(self.directory)
+    for step, why in incomplete.items():
+      path = str(self.step_path(step))
+      if path not in self._warned:
+        self._warned.add(path)
+        logging.warning("Skipping incomplete checkpoint %s: %s", path, why)
+    return complete
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  # -- save ------------------------------------------------------------------
+
+  def save(self, step: int, state: Any, data_iter: Any = None, *, force: bool = False) -> bool:
+    """Starts an (async) save of `state` and `data_iter`; returns whether one started.
+
+    Respects save_interval_steps unless `force`. Saving a step that already has
+    a checkpoint is a no-op returning False (e.g. a forced final save right after
+    the periodic one).
+    """
+    if step in self._manager.all_steps():
+      logging.info("Checkpoint for step %d already exists in %s; not saving again.", step, self.directory)
+      return False
+    args = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
+    return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=force))
+
+  # -- restore ---------------------------------------------------------------
+
+  def restore(self, step: int | None, abstract_state: Any, data_iter: Any = None) -> Any:
+    """Restores the state onto `abstract_state`'s shardings; sets `data_iter` in place.
+
+    `abstract_state` is a pytree of jax.ShapeDtypeStruct with NamedShardings,
+    on any mesh (it need not be the one the checkpoint was saved from). Values
+    are cast to the requested dtypes. `step=None` means the latest complete one.
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise CheckpointError(f"no complete checkpoint in {self.directory}")
+    step_dir = self.step_path(step)
+    problem = step_dir_problem(step_dir)
+    if problem is not None:
+      raise CheckpointError(f"checkpoint {step_dir} is not usable: {problem}")
+    check_compatible(step_dir / STATE_ITEM, abstract_state)
+    args = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      if not (step_dir / DATA_ITEM).is_dir():
+        raise CheckpointError(f"checkpoint {step_dir} has no data iterator state ({DATA_ITEM}/ is missing)")
+      args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types.
+      raise CheckpointError(f"cannot restore checkpoint {step_dir}: {short_error(e)}") from e
+    return restored[STATE_ITEM]
+
+  # -- preemption and lifetime ----------------------------------------------
+
+  def reached_preemption(self, step: int) -> bool:
+    """True once the job should save and stop (all processes agree on `step`).
+
+    Uses orbax/JAX's preemption sync point when jax.distributed is initialized;
+    in a single process it is the flag set by `install_sigterm_handler()`.
+    """
+    if self._manager.reached_preemption(step):
+      return True
+    return jax.process_count() == 1 and _SIGTERM.is_set()
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# ----------------------------------------------------------------------------
+
+def read_state_metadata(state_dir: epath.PathLike) -> dict[str, Any]:
+  """{'params/a/b': ArrayMetadata(shape, dtype, ...)} for a saved state item."""
+  state_dir = epath.Path(state_dir)
+  try:
+    # The handler (unlike StandardCheckpointer) raises on an unreadable OCDBT
+    # index instead of logging and returning an empty tree.
+    md = ocp.StandardCheckpointHandler().metadata(state_dir)
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"cannot read checkpoint metadata in {state_dir}: {short_error(e)}") from e
+  tree = getattr(md, "tree", md)
+  return flatten_with_names(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def check_compatible(state_dir: epath.PathLike, abstract_state: Any) -> None:
+  """Raises CheckpointError listing missing/unexpected arrays and shape mismatches."""
+  saved = read_state_metadata(state_dir)
+  wanted = flatten_with_names(abstract_state)
+  problems = []
+  missing = sorted(set(wanted) - set(saved))
+  unexpected = sorted(set(saved) - set(wanted))
+  if missing:
+    problems.append(f"missing arrays {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+  if unexpected:
+    problems.append(f"unexpected arrays {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+  for name in sorted(set(saved) & set(wanted)):
+    s, w = tuple(saved[name].shape), tuple(wanted[name].shape)
+    if s != w:
+      problems.append(f"shape mismatch for {name}: checkpoint {s} vs target {w}")
+  if problems:
+    raise CheckpointError(
+        f"checkpoint {state_dir} does not match the target state: " + "; ".join(problems[:8]))

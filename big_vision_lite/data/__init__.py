@@ -1,0 +1,1 @@
+"""Input pipeline: sources, preprocessing ops, grain pipelines, built-in dataset."""

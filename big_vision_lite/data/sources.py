@@ -1,0 +1,167 @@
+"""Random-access data sources from a data config: built-in, tfds datasets, ArrayRecord files.
+
+Every source yields examples as dicts whose `image` entry holds *encoded* image
+bytes (PNG/JPEG), so the `decode` op decodes them uniformly whatever the source.
+
+Plain ArrayRecord format (`name="array_record"`): one record per example, the
+record being a `flax.serialization.msgpack_serialize`d dict with string keys
+and values that are numpy arrays, bytes, str, int or float; `image` holds the
+encoded image bytes. `write_array_record` writes such files.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import types
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+from flax import serialization
+
+BUILTIN = "bvl_shapes"
+
+
+class ArrayRecordSource:
+  """ArrayRecord files of msgpack-serialized example dicts (format in the module doc)."""
+
+  def __init__(self, paths: Sequence[str], start: int = 0, stop: int | None = None):
+    import grain  # Lazy: grain's import is slow and most callers only build configs.
+    self.paths = list(paths)
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    n = len(self._source)
+    self.start, self.stop = start, n if stop is None else stop
+    if not 0 <= self.start <= self.stop <= n:
+      raise ValueError(f"bad slice [{start}:{stop}] of {n} records in {self.paths[0]}...")
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} out of range (0..{len(self) - 1})")
+    raw = self._source[self.start + index]
+    try:
+      return serialization.msgpack_restore(raw)
+    except Exception as e:
+      raise ValueError(f"record {index} of {self.paths} is not a msgpack-serialized dict: {e}") from e
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordSource({len(self)} records from {len(self.paths)} files, e.g. {self.paths[0]})"
+
+
+def write_array_record(path: str, examples: Iterable[dict[str, Any]]) -> int:
+  """Writes `examples` (dicts, see the module doc) as one ArrayRecord file; returns the count."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # group_size:1 makes each record separately addressable: fast random access.
+  writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
+  n = 0
+  try:
+    for i, ex in enumerate(examples):
+      if not isinstance(ex, dict) or not all(isinstance(k, str) for k in ex):
+        raise TypeError(f"example {i} written to {path} must be a dict with str keys, got {type(ex).__name__}")
+      writer.write(serialization.msgpack_serialize(ex))
+      n += 1
+  finally:
+    writer.close()
+  return n
+
+
+def _expand_files(files: str | Sequence[str], key: str) -> list[str]:
+  patterns = [files] if isinstance(files, str) else list(files)
+  if not patterns:
+    raise ValueError(f"{key}.files is empty: give a glob pattern or a list of ArrayRecord files")
+  paths = []
+  for pattern in patterns:
+    matched = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not matched:
+      raise FileNotFoundError(f"{key}.files: no file matches {pattern!r}")
+    paths.extend(matched)
+  return paths
+
+
+def _slice_bounds(split: str | None, n: int, key: str) -> tuple[int, int]:
+  """Resolves tfds-style slicing ("train[:90%]", "x[100:]") against n records."""
+  if not split or "[" not in split:
+    return 0, n
+  import tensorflow_datasets as tfds
+  name = split.split("[")[0] or "all"
+  try:
+    ri = tfds.core.ReadInstruction.from_spec(split if split[0] != "[" else name + split)
+    (abs_ri,) = ri.to_absolute({name: types.SimpleNamespace(num_examples=n)})
+  except Exception as e:
+    raise ValueError(f"{key}.split: cannot parse {split!r}: {e}") from e
+  start = abs_ri.from_ or 0
+  stop = n if abs_ri.to is None else abs_ri.to
+  return start, stop
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None, key: str):
+  import tensorflow_datasets as tfds
+  hint = f"(prepare it with `tfds build {name} --data_dir={data_dir or '<dir>'} --file_format=array_record`)"
+  if not data_dir:
+    raise ValueError(f"{key}.data_dir: not set, so tfds dataset {name!r} cannot be found; "
+                     f"nothing is downloaded at run time {hint}")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    prepared = builder.is_prepared()
+  except Exception:  # Unknown name and not on disk either.
+    prepared = False
+  if not prepared:
+    raise ValueError(f"{key}.data_dir: dataset {name!r} not found in {data_dir!r} {hint}")
+  file_format = str(builder.info.file_format.value if builder.info.file_format else "tfrecord")
+  if file_format not in ("array_record", "parquet"):
+    raise ValueError(f"{key}.name: dataset {name!r} in {data_dir!r} is stored as {file_format}, which has "
+                     f"no random access; rebuild it with --file_format=array_record")
+  splits = list(builder.info.splits)
+  try:
+    # Images stay encoded: the `decode` op decodes, as for the other sources.
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                            decoders=_skip_image_decoding(builder.info.features))
+  except Exception as e:
+    raise ValueError(f"{key}.split: cannot read split {split!r} of {name!r} "
+                     f"(splits: {', '.join(splits)}): {e}") from e
+
+
+def _skip_image_decoding(features) -> dict | None:
+  import tensorflow_datasets as tfds
+  if not isinstance(features, tfds.features.FeaturesDict):
+    return None
+  skip = {k: tfds.decode.SkipDecoding() for k, f in features.items() if isinstance(f, tfds.features.Image)}
+  return skip or None
+
+
+def get_source(data_config: ml_collections.ConfigDict, *, config_key: str = "config.input"):
+  """A random-access source (`len`, `[i]` -> example dict) for `data_config`.
+
+  `data_config.name`: "bvl_shapes[/tiny]" (built on demand into `data_dir` or
+  the cache), "array_record" (`files`: glob or list), or a tfds dataset name
+  read from `data_dir` (never downloaded). `split` takes tfds slicing.
+  `config_key` is where the config lives, used to name keys in errors.
+  """
+  name = data_config.get("name")
+  if not name:
+    raise ValueError(f"{config_key}.name is not set (e.g. 'bvl_shapes', 'array_record' or a tfds name)")
+  split = data_config.get("split", None)
+  data_dir = data_config.get("data_dir", None)
+  if name == "array_record":
+    files = data_config.get("files", None)
+    if files is None:
+      raise ValueError(f"{config_key}.files must be set when {config_key}.name is 'array_record'")
+    paths = _expand_files(files, config_key)
+    n = len(ArrayRecordSource(paths))
+    start, stop = _slice_bounds(split, n, config_key)
+    return ArrayRecordSource(paths, start, stop)
+  if not split:
+    raise ValueError(f"{config_key}.split is not set (e.g. 'train' or 'train[:90%]')")
+  if name.split("/")[0] == BUILTIN:
+    from big_vision_lite.data import shapes
+    config = name.split("/")[1] if "/" in name else "default"
+    data_dir = shapes.ensure_built(data_dir, config=config)
+    name = f"{BUILTIN}/{config}"
+  return _tfds_source(name, split, data_dir, config_key)
+
+
+def num_examples(data_config: ml_collections.ConfigDict, *, config_key: str = "config.input") -> int:
+  return len(get_source(data_config, config_key=config_key))

@@ -1,0 +1,52 @@
+"""Evaluators: plugins run by the loop every `log_steps` and at the end of training.
+
+Each evaluator is one file here registering a class in EVALUATORS; the loop
+only calls `should_run(step)` and `run(params)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from big_vision_lite.registry import Registry
+
+EVALUATORS = Registry("evaluator", "big_vision_lite.evaluators")
+
+
+class Evaluator:
+  """Common config keys: type, log_steps (0 = only at the end), batch_size, data, pp."""
+
+  allowed_keys: tuple[str, ...] = ("type", "log_steps", "batch_size", "data", "pp")
+
+  def __init__(self, name: str, config: ml_collections.ConfigDict, *, task, mesh: Mesh,
+               default_batch_size: int, total_steps: int):
+    unknown = set(config.keys()) - set(self.allowed_keys)
+    if unknown:
+      raise ValueError(f"config.evals.{name}.{sorted(unknown)[0]}: unknown key for evaluator "
+                       f"{config.type!r} (allowed: {sorted(self.allowed_keys)})")
+    self.name = name
+    self.config = config
+    self.task = task
+    self.mesh = mesh
+    self.batch_size = int(config.get("batch_size", default_batch_size))
+    self.log_steps = int(config.get("log_steps", 0))
+    self.total_steps = total_steps
+
+  def should_run(self, step: int) -> bool:
+    return step == self.total_steps or (self.log_steps > 0 and step % self.log_steps == 0)
+
+  def run(self, params: Any) -> dict[str, float]:
+    raise NotImplementedError
+
+
+def get_evaluators(config: ml_collections.ConfigDict, **kwargs) -> list[Evaluator]:
+  out = []
+  for name, ev_config in config.evals.items():
+    if "type" not in ev_config:
+      raise ValueError(f"config.evals.{name}.type: missing")
+    out.append(EVALUATORS.get(ev_config.type)(name, ev_config, **kwargs))
+  return out

@@ -1,0 +1,243 @@
+"""Transformer layers shared by the ViT and text towers, with big_vision parameter names.
+
+Every parameter carries logical axis names (nn.with_logical_partitioning) and
+activations get logical constraints; both are no-ops until a mesh and rules are active.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Initializer = Callable[..., Any]
+
+# Activation layouts, named once so every module constrains the same way.
+ACT_EMBED = ("batch", "length", "embed")
+ACT_MLP = ("batch", "length", "mlp")
+ACT_HEADS = ("batch", "length", "heads", "kv")
+
+REMAT_POLICIES = (
+    "none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+    "everything_saveable")
+
+
+def part(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+  """Wraps an initializer so the created param is boxed with logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def remat_policy(name: str | None) -> Callable[..., Any] | None:
+  """Maps a policy name to jax.checkpoint_policies.<name>; "none" means do not remat."""
+  if name is None or name == "none":
+    return None
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {name!r} (valid: {', '.join(REMAT_POLICIES)})")
+  return getattr(jax.checkpoint_policies, name)
+
+
+def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
+  """Flax LayerNorm (params `scale`, `bias`) annotated with the "embed" axis."""
+  return nn.LayerNorm(
+      epsilon=eps, name=name,
+      scale_init=part(nn.initializers.ones, ("embed",)),
+      bias_init=part(nn.initializers.zeros, ("embed",)))
+
+
+class DenseGeneral(nn.Module):
+  """Contracts the last `num_in` axes of x with a kernel of shape in_shape + features.
+
+  Same params as flax DenseGeneral (`kernel`, `bias` of shape `features`), but the
+  initializer sees the real kernel shape, so logical partitioning boxes work.
+  """
+  features: tuple[int, ...]
+  num_in: int = 1
+  kernel_axes: tuple[str | None, ...] = ()
+  bias_axes: tuple[str | None, ...] = ()
+  dtype_mm: Any = jnp.float32
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[-self.num_in:]
+    kshape = tuple(in_shape) + tuple(self.features)
+    # Fans as if the kernel were flattened to (prod(in), prod(out)), like flax does.
+    in_axis = tuple(range(self.num_in))
+    out_axis = tuple(range(self.num_in, len(kshape)))
+    kinit = nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
+    kernel = self.param("kernel", part(kinit, self.kernel_axes), kshape, jnp.float32)
+    letters = string.ascii_letters
+    ins = letters[:self.num_in]
+    outs = letters[self.num_in:len(kshape)]
+    y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}",
+                   x.astype(self.dtype_mm), kernel.astype(self.dtype_mm))
+    if self.use_bias:
+      bias = self.param("bias", part(nn.initializers.zeros, self.bias_axes),
+                        tuple(self.features), jnp.float32)
+      y = y + bias.astype(self.dtype_mm)
+    return y
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention with big_vision's query/key/value/out parameters.
+
+  `mask` (optional, bool) broadcasts to (B, heads, Q, K); True means attend.
+  """
+  num_heads: int = 12
+  dtype_mm: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None) -> Array:
+    d = inputs_q.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
+    hd = d // self.num_heads
+    proj = dict(features=(self.num_heads, hd), num_in=1, kernel_axes=("embed", "heads", "kv"),
+                bias_axes=("heads", "kv"), dtype_mm=self.dtype_mm)
+    q = DenseGeneral(name="query", **proj)(inputs_q)
+    k = DenseGeneral(name="key", **proj)(inputs_kv)
+    v = DenseGeneral(name="value", **proj)(inputs_kv)
+    q = nn.with_logical_constraint(q, ACT_HEADS)
+    k = nn.with_logical_constraint(k, ACT_HEADS)
+    v = nn.with_logical_constraint(v, ACT_HEADS)
+    q = q / jnp.sqrt(hd).astype(q.dtype)
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k)
+    # Softmax in fp32 whatever the matmul dtype: bf16 logits lose too much.
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype_mm)
+    y = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+    return DenseGeneral(features=(d,), num_in=2, kernel_axes=("heads", "kv", "embed"),
+                        bias_axes=("embed",), dtype_mm=self.dtype_mm, name="out")(y)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU (tanh form, as big_vision) -> dropout -> Dense."""
+  mlp_dim: int | None = None  # Defaults to 4 * width.
+  dropout: float = 0.0
+  dtype_mm: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    d = x.shape[-1]
+    kinit = nn.initializers.xavier_uniform()
+    binit = nn.initializers.normal(stddev=1e-6)
+    x = nn.Dense(self.mlp_dim or 4 * d, dtype=self.dtype_mm,
+                 kernel_init=part(kinit, ("embed", "mlp")),
+                 bias_init=part(binit, ("mlp",)))(x)
+    x = nn.with_logical_constraint(x, ACT_MLP)
+    x = nn.gelu(x)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic)
+    return nn.Dense(d, dtype=self.dtype_mm,
+                    kernel_init=part(kinit, ("mlp", "embed")),
+                    bias_init=part(binit, ("embed",)))(x)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int | None = None
+  num_heads: int = 12
+  dropout: float = 0.0
+  dtype_mm: Any = jnp.float32
+  norm_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True,
+               mask: Array | None = None) -> tuple[Array, Array]:
+    x = nn.with_logical_constraint(x, ACT_EMBED)
+    y = layer_norm(self.norm_eps)(x)
+    y = MultiHeadDotProductAttention(num_heads=self.num_heads, dtype_mm=self.dtype_mm)(y, y, mask)
+    y = nn.with_logical_constraint(y, ACT_EMBED)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    # The residual stream stays fp32: bf16 matmul outputs promote on the add.
+    x = x + y
+    y = layer_norm(self.norm_eps)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm)(
+        y, deterministic)
+    y = nn.with_logical_constraint(y, ACT_EMBED)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = x + y
+    x = nn.with_logical_constraint(x, ACT_EMBED)
+    # Second output is what nn.scan stacks per layer (kept for inspection).
+    return x, x
+
+
+class Encoder(nn.Module):
+  """`depth` blocks (`encoderblock_{i}`, or one scanned `encoderblock`) then `encoder_norm`."""
+  depth: int = 12
+  mlp_dim: int | None = None
+  num_heads: int = 12
+  dropout: float = 0.0
+  scan: bool = False
+  remat_policy: str = "none"
+  dtype_mm: Any = jnp.float32
+  norm_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True,
+               mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    out = {}
+    policy = remat_policy(self.remat_policy)
+    block = Encoder1DBlock
+    if policy is not None:
+      # static_argnums counts self: 2 is `deterministic`. Under scan, CSE across
+      # iterations cannot happen, so prevent_cse only costs there.
+      block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(2,), policy=policy)
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+              dtype_mm=self.dtype_mm, norm_eps=self.norm_eps)
+    if self.scan:
+      scanned = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, per_layer = scanned(name="encoderblock", **kw)(x, deterministic, mask)
+      for i in range(self.depth):
+        out[f"block{i:02d}"] = per_layer[i]
+    else:
+      for i in range(self.depth):
+        x, out[f"block{i:02d}"] = block(name=f"encoderblock_{i}", **kw)(x, deterministic, mask)
+    out["pre_ln"] = x
+    return layer_norm(self.norm_eps, name="encoder_norm")(x), out
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over tokens, then x + MLP(LN(x))."""
+  mlp_dim: int | None = None
+  num_heads: int = 12
+  dtype_mm: Any = jnp.float32
+  norm_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n, _, d = x.shape
+    probe = self.param("probe", part(nn.initializers.xavier_uniform(), (None, None, "embed")),
+                       (1, 1, d), jnp.float32)
+    probe = jnp.tile(probe, [n, 1, 1])
+    x = MultiHeadDotProductAttention(num_heads=self.num_heads, dtype_mm=self.dtype_mm)(probe, x)
+    y = layer_norm(self.norm_eps)(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype_mm=self.dtype_mm)(y)
+    return x[:, 0]
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
+                     dtype: Any = jnp.float32) -> Array:
+  """Fixed 2-D sin-cos position embedding (1, h*w, width), big_vision's layout.
+
+  Channels are [sin(x), cos(x), sin(y), cos(y)], each width//4 frequencies.
+  """
+  if width % 4:
+    raise ValueError(f"sincos2d posemb needs width divisible by 4, got {width}")
+  y, x = np.mgrid[:h, :w]
+  n = width // 4
+  omega = np.arange(n) / max(n - 1, 1)
+  omega = 1. / (temperature ** omega)
+  y = np.einsum("m,d->md", y.flatten(), omega)
+  x = np.einsum("m,d->md", x.flatten(), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(pe, dtype)[None, :, :]

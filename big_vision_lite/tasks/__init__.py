@@ -1,0 +1,55 @@
+"""Tasks: what turns a batch into a loss, metrics and prediction functions.
+
+The training loop knows nothing of objectives; each task (classification,
+contrastive, captioning, ...) is one file here that registers itself in TASKS.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from big_vision_lite.registry import Registry
+
+TASKS = Registry("task", "big_vision_lite.tasks")
+
+Batch = Mapping[str, jax.Array]
+
+
+class Task:
+  """Base class. Subclasses implement `loss` and usually `predict_fns`."""
+
+  # Keys every training batch must carry (checked on the first batch).
+  required_keys: tuple[str, ...] = ()
+
+  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module):
+    self.config = config
+    self.model = model
+
+  def init_inputs(self, batch: Batch) -> tuple[Any, ...]:
+    """Positional model inputs used to initialise parameters."""
+    raise NotImplementedError
+
+  def loss(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar training loss and extra scalar metrics (averaged over the batch)."""
+    raise NotImplementedError
+
+  def predict_fns(self) -> dict[str, Callable[..., Any]]:
+    """Named `fn(params, batch) -> outputs` used by evaluators."""
+    return {}
+
+  def examples_in(self, batch: Batch) -> int:
+    return next(iter(batch.values())).shape[0]
+
+  def check_batch(self, batch: Batch, where: str) -> None:
+    missing = [k for k in self.required_keys if k not in batch]
+    if missing:
+      raise ValueError(f"{where}: batch lacks {missing} needed by task {type(self).__name__} "
+                       f"(it has {sorted(batch)}); fix the preprocessing string")
+
+
+def get_task(config: ml_collections.ConfigDict, model: nn.Module) -> Task:
+  return TASKS.get(config.name)(config, model)

@@ -1,0 +1,51 @@
+"""Supervised image classification: softmax or sigmoid cross-entropy, optional mixup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from big_vision_lite import losses
+from big_vision_lite.tasks import TASKS, Batch, Task
+
+_LOSSES = {"softmax_xent": losses.softmax_xent, "sigmoid_xent": losses.sigmoid_xent}
+
+
+@TASKS.register("classification")
+class Classification(Task):
+  """Config (`config.task`): loss ('softmax_xent' | 'sigmoid_xent'), mixup (Beta p, 0 = off)."""
+
+  required_keys = ("image", "labels")
+
+  def __init__(self, config: ml_collections.ConfigDict, model):
+    super().__init__(config, model)
+    allowed = {"name", "loss", "mixup"}
+    unknown = set(config.keys()) - allowed
+    if unknown:
+      raise ValueError(f"config.task.{sorted(unknown)[0]}: unknown key for task 'classification' "
+                       f"(allowed: {sorted(allowed)})")
+    self.loss_name = config.get("loss", "softmax_xent")
+    if self.loss_name not in _LOSSES:
+      raise ValueError(f"config.task.loss: {self.loss_name!r} is not one of {sorted(_LOSSES)}")
+    self.mixup = float(config.get("mixup", 0.0))
+
+  def init_inputs(self, batch: Batch) -> tuple[Any, ...]:
+    return (batch["image"],)
+
+  def loss(self, params, batch: Batch, rng: jax.Array):
+    images, labels = batch["image"], batch["labels"]
+    mix_rng, dropout_rng = jax.random.split(rng)
+    if self.mixup > 0:
+      images, labels = losses.mixup(mix_rng, self.mixup, images, labels)
+    logits, _ = self.model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+    per_example = _LOSSES[self.loss_name](logits, labels)
+    return jnp.mean(per_example), {}
+
+  def predict_fns(self):
+    def predict(params, batch):
+      logits, _ = self.model.apply({"params": params}, batch["image"], train=False)
+      return logits
+    return {"predict": predict}
