@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 # bf16 dense peak FLOP/s per *JAX device* (not per chip where they differ:
 # TPU v2/v3 expose each of a chip's two cores as a device). Matched in order
@@ -102,6 +102,16 @@ def vit_forward_flops(
     total += map_head_flops(seq, width, mlp)
   total += 2.0 * width * num_classes
   return total
+
+
+def model_forward_flops(model: Any, example: Mapping[str, Any]) -> float | None:
+  """Analytic forward FLOPs of one example for models with a formula (ViT); None otherwise."""
+  from big_vision_lite.models.vit import ViT  # local: keep this module free of flax at import
+  if not isinstance(model, ViT) or "image" not in example:
+    return None
+  _, h, w, c = example["image"].shape
+  return vit_forward_flops((h, w), model.patch_size, model.width, model.depth, mlp_dim=model.mlp_dim,
+                           num_classes=model.num_classes or 0, pool_type=model.pool_type, channels=c)
 
 
 def train_flops_per_step(forward_flops_per_example: float, batch_size: int) -> float:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from big_vision_lite.schedules import make_schedule
+from big_vision_lite.config import ConfigError
 
 __all__ = ["make_optimizer", "make_schedule", "tree_paths", "match_regexes", "global_norm",
            "OPTAX_NAMES"]
@@ -172,22 +173,22 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
 def _real(config: Any, key: str, default: Any, *, minimum: float = 0.0) -> float:
   value = _get(config, key, default)
   if not _is_real(value) or value < minimum:
-    raise ValueError(f"config.{key} must be a number >= {minimum}, got {value!r}")
+    raise ConfigError(f"config.{key} must be a number >= {minimum}, got {value!r}")
   return float(value)
 
 
 def _pairs(config: Any, key: str, default: list, *, positive: bool = False) -> list:
   value = _get(config, key, default)
   if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-    raise ValueError(f"config.{key} must be a list of (regex, multiplier) pairs, got {value!r}")
+    raise ConfigError(f"config.{key} must be a list of (regex, multiplier) pairs, got {value!r}")
   pairs = []
   for item in value:
     if (isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2
         or not isinstance(item[0], str) or not _is_real(item[1]) or item[1] < 0):
-      raise ValueError(f"config.{key}: each entry must be (regex: str, multiplier >= 0), "
+      raise ConfigError(f"config.{key}: each entry must be (regex: str, multiplier >= 0), "
                        f"got {item!r}")
     if positive and item[1] == 0:
-      raise ValueError(f"config.{key}: multiplier 0 for {item[0]!r}; use config.frozen to "
+      raise ConfigError(f"config.{key}: multiplier 0 for {item[0]!r}; use config.frozen to "
                        "freeze params (it also drops their optimizer state)")
     pairs.append((item[0], float(item[1])))
   return pairs
@@ -197,26 +198,26 @@ def _regexes(config: Any, key: str) -> list[str]:
   value = _get(config, key, [])
   if isinstance(value, str) or not isinstance(value, Sequence) or not all(
       isinstance(v, str) for v in value):
-    raise ValueError(f"config.{key} must be a list of regex strings, got {value!r}")
+    raise ConfigError(f"config.{key} must be a list of regex strings, got {value!r}")
   return list(value)
 
 
 def _scaler(config: Any) -> optax.GradientTransformation:
   name = _get(config, "optax_name")
   if name not in _SCALERS:
-    raise ValueError(f"config.optax_name={name!r} is not one of {list(OPTAX_NAMES)}")
+    raise ConfigError(f"config.optax_name={name!r} is not one of {list(OPTAX_NAMES)}")
   kwargs = _get(config, "optax", {})
   if hasattr(kwargs, "to_dict"):
     kwargs = kwargs.to_dict()
   if not isinstance(kwargs, dict):
-    raise ValueError(f"config.optax must be a dict of kwargs, got {kwargs!r}")
+    raise ConfigError(f"config.optax must be a dict of kwargs, got {kwargs!r}")
   for key in ("lr", "learning_rate", "weight_decay", "wd"):
     if key in kwargs:
-      raise ValueError(f"config.optax.{key}: set the top-level config.lr / config.wd instead")
+      raise ConfigError(f"config.optax.{key}: set the top-level config.lr / config.wd instead")
   allowed = list(inspect.signature(_SCALERS[name]).parameters)
   unknown = sorted(set(kwargs) - set(allowed))
   if unknown:
-    raise ValueError(f"config.optax: unknown keys {unknown} for optax_name={name!r} "
+    raise ConfigError(f"config.optax: unknown keys {unknown} for optax_name={name!r} "
                      f"(known: {allowed})")
   return _SCALERS[name](**kwargs)
 
@@ -232,7 +233,7 @@ def make_optimizer(config: Any, params: Any, total_steps: int
   wd = _real(config, "wd", 0.0)
   clip = _get(config, "grad_clip_norm")
   if clip is not None and (not _is_real(clip) or clip < 0):
-    raise ValueError(f"config.grad_clip_norm must be None or a number >= 0, got {clip!r}")
+    raise ConfigError(f"config.grad_clip_norm must be None or a number >= 0, got {clip!r}")
 
   frozen_regexes = _regexes(config, "frozen")
   user_wd_mults = _get(config, "wd_mults") is not None

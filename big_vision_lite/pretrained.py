@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from big_vision_lite.models.vit import resample_posemb
 from big_vision_lite.checkpoint import (
     STATE_ITEM, CheckpointError, flatten_with_names, path_str, read_state_metadata, scan_steps,
     short_error, step_dir_problem)
@@ -39,17 +40,11 @@ class LoadReport:
 
 
 def _resample_posemb_grid(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
-  """Bilinearly resizes a (1, N, D) position embedding on its sqrt(N) grid to num_tokens.
-
-  Plain bilinear (half-pixel centres, no antialiasing) via jax.image.resize.
-  """
-  _, n, d = posemb.shape
-  gs_old, gs_new = math.isqrt(n), math.isqrt(num_tokens)
-  if gs_old * gs_old != n or gs_new * gs_new != num_tokens:
-    raise ValueError(f"posemb token counts {n} -> {num_tokens} are not square grids")
-  grid = np.asarray(posemb, np.float32).reshape(gs_old, gs_old, d)
-  grid = jax.image.resize(grid, (gs_new, gs_new, d), method="bilinear", antialias=False)
-  return np.asarray(grid).reshape(1, num_tokens, d).astype(posemb.dtype)
+  """Resizes a (1, N, D) position embedding on its square grid to `num_tokens` tokens."""
+  side = math.isqrt(num_tokens)
+  if side * side != num_tokens:
+    raise ValueError(f"posemb token count {num_tokens} is not a square grid")
+  return resample_posemb(posemb, (side, side))
 
 
 def _can_resample(name: str, src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
@@ -82,6 +77,8 @@ def _read_npz(path: epath.Path, subtree: str | None) -> dict[str, np.ndarray]:
 
 def _resolve_state_dir(path: epath.Path) -> epath.Path:
   """A workdir, a step folder or a state folder of ours -> the state folder."""
+  if (path / "checkpoints").is_dir():  # a training workdir
+    path = path / "checkpoints"
   if (path / "_METADATA").exists():
     return path
   if (path / STATE_ITEM).is_dir():

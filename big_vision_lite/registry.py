@@ -11,6 +11,13 @@ import importlib
 from typing import Any, Callable
 
 
+class UnknownNameError(KeyError):
+  """A name that is not registered; the message lists the known names."""
+
+  def __str__(self) -> str:  # KeyError would quote the whole message
+    return str(self.args[0])
+
+
 class Registry:
   """A mapping from names to factories, filled by `@registry.register(name)`."""
 
@@ -40,7 +47,7 @@ class Registry:
       known = sorted(self._entries)
       close = difflib.get_close_matches(name, known, n=1)
       hint = f"; did you mean {close[0]!r}?" if close else ""
-      raise KeyError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(known) or 'none'})")
+      raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(known) or 'none'})")
     return self._entries[name]
 
   def names(self) -> list[str]:

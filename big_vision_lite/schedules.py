@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from big_vision_lite.config import ConfigError
+
 DECAY_TYPES = ("cosine", "linear", "rsqrt", "constant")
 _KNOWN_KEYS = frozenset({
     "warmup_steps", "warmup_percent", "decay_type", "linear_end", "end",
@@ -24,7 +26,7 @@ def _as_dict(value: Any, key: str) -> dict[str, Any]:
   if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
     value = value.to_dict()
   if not isinstance(value, Mapping):
-    raise ValueError(f"{key} must be a dict, got {type(value).__name__}")
+    raise ConfigError(f"{key} must be a dict, got {type(value).__name__}")
   return dict(value)
 
 
@@ -36,9 +38,9 @@ def _number(sched: dict, name: str, default: float, lo: float | None = None,
             hi: float | None = None) -> float:
   value = sched.get(name, default)
   if not _is_real(value):
-    raise ValueError(f"config.schedule.{name} must be a number, got {value!r}")
+    raise ConfigError(f"config.schedule.{name} must be a number, got {value!r}")
   if (lo is not None and value < lo) or (hi is not None and value > hi):
-    raise ValueError(f"config.schedule.{name}={value} must be in [{lo}, {hi}]")
+    raise ConfigError(f"config.schedule.{name}={value} must be in [{lo}, {hi}]")
   return float(value)
 
 
@@ -46,12 +48,12 @@ def _phase_steps(sched: dict, prefix: str, total_steps: int) -> int:
   """Reads `<prefix>_steps` or `<prefix>_percent` (a fraction of total_steps)."""
   s_key, p_key = f"{prefix}_steps", f"{prefix}_percent"
   if s_key in sched and p_key in sched:
-    raise ValueError(f"config.schedule: give only one of {s_key} and {p_key}")
+    raise ConfigError(f"config.schedule: give only one of {s_key} and {p_key}")
   if p_key in sched:
     return int(_number(sched, p_key, 0.0, 0.0, 1.0) * total_steps)
   steps = sched.get(s_key, 0)
   if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-    raise ValueError(f"config.schedule.{s_key} must be a non-negative int, got {steps!r}")
+    raise ConfigError(f"config.schedule.{s_key} must be a non-negative int, got {steps!r}")
   return steps
 
 
@@ -66,23 +68,23 @@ def make_schedule(config: Any, total_steps: int) -> Callable[[jax.typing.ArrayLi
                    "config.schedule")
   unknown = sorted(set(sched) - _KNOWN_KEYS)
   if unknown:
-    raise ValueError(f"config.schedule: unknown keys {unknown} (known: {sorted(_KNOWN_KEYS)})")
+    raise ConfigError(f"config.schedule: unknown keys {unknown} (known: {sorted(_KNOWN_KEYS)})")
   if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 0:
     raise ValueError(f"total_steps must be a non-negative int, got {total_steps!r}")
 
   decay_type = sched.get("decay_type", "constant")
   if decay_type not in DECAY_TYPES:
-    raise ValueError(f"config.schedule.decay_type={decay_type!r} is not one of {DECAY_TYPES}")
+    raise ConfigError(f"config.schedule.decay_type={decay_type!r} is not one of {DECAY_TYPES}")
   warmup = _phase_steps(sched, "warmup", total_steps)
   cooldown = _phase_steps(sched, "cooldown", total_steps)
   # Like big_vision: catch warmup >= total early, but allow 0/1-step debug runs.
   if total_steps > 1 and (warmup >= total_steps or warmup + cooldown > total_steps):
-    raise ValueError(f"config.schedule: warmup ({warmup}) must be < total_steps ({total_steps}) "
+    raise ConfigError(f"config.schedule: warmup ({warmup}) must be < total_steps ({total_steps}) "
                      f"and warmup + cooldown ({cooldown}) <= total_steps")
 
   end_keys = [k for k in ("linear_end", "end", "min_lr") if k in sched]
   if len(end_keys) > 1:
-    raise ValueError(f"config.schedule: give only one of {end_keys}")
+    raise ConfigError(f"config.schedule: give only one of {end_keys}")
   end = _number(sched, end_keys[0], 0.0, 0.0, 1.0) if end_keys else 0.0
   power = _number(sched, "power", 1.0, 0.0)
   timescale = _number(sched, "timescale", 10_000, 1e-12)

@@ -26,6 +26,7 @@ import numpy as np
 from big_vision_lite import checkpoint, config as config_lib, flops, metrics, optim, pretrained, sharding
 from big_vision_lite import evaluators, models, tasks
 from big_vision_lite.data import ops as pp_ops, pipeline, sources
+from big_vision_lite.registry import UnknownNameError
 
 log = logging.getLogger("big_vision_lite")
 
@@ -171,18 +172,6 @@ def make_train_step(setup: Setup, grad_accum_steps: int):
                  out_shardings=(setup.state_shardings, repl), donate_argnums=(0,))
 
 
-def forward_flops_per_example(setup: Setup) -> float | None:
-  """Analytic forward FLOPs of one example, where the model has a formula."""
-  model = setup.model
-  if setup.task.__class__.__name__ != "Classification" or not hasattr(model, "patch_size"):
-    return None
-  h, w = setup.example["image"].shape[1:3]
-  return flops.vit_forward_flops(
-      (h, w), model.patch_size, model.width, model.depth, mlp_dim=model.mlp_dim,
-      num_classes=model.num_classes or 0, pool_type=model.pool_type,
-      channels=setup.example["image"].shape[3])
-
-
 def _restore_or_init(setup: Setup, config, ckpt: checkpoint.Checkpointer | None, train_iter):
   """Resumes from the newest complete checkpoint, else initialises (and loads model_init)."""
   latest = ckpt.latest_step() if ckpt else None
@@ -232,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   writer = metrics.MetricWriter(workdir, enabled=is_main and bool(workdir))
   if start_step:
     writer.truncate_after(start_step)
-  fwd_flops = forward_flops_per_example(setup)
+  fwd_flops = flops.model_forward_flops(setup.model, setup.example)
   if config.mfu_peak_flops > 0:
     peak, peak_desc = float(config.mfu_peak_flops), "config.mfu_peak_flops"
   else:
@@ -249,6 +238,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   progress = metrics.Progress(total_steps, initial_step=start_step, enabled=is_main and config.progress,
                               every=config.log_training_steps)
   last: dict[str, float] = {}
+  if start_step >= total_steps and is_main:
+    print(f"{workdir} already holds the final step {start_step} of {total_steps}; nothing to do",
+          flush=True)
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       throughput.tick(start_step, 0)
@@ -334,8 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Preempted as e:
     print(str(e), file=sys.stderr)
     return PREEMPTED_EXIT_CODE
-  except (config_lib.ConfigError, sharding.MeshError, checkpoint.CheckpointError,
+  except (config_lib.ConfigError, sharding.MeshError, checkpoint.CheckpointError, UnknownNameError,
           FileNotFoundError, FloatingPointError) as e:
+    # Expected failure modes get one line; anything else keeps its traceback.
     print(f"error: {e}", file=sys.stderr)
     return 1
   if jax.process_index() == 0:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -169,3 +170,36 @@ def test_readme_quick_start_reaches_90_percent(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(r.stdout.strip().splitlines()[-1])
   assert result["val/prec@1"] >= 0.90, result
+
+
+def test_model_init_loads_and_resamples_posemb(tmp_path, capsys):
+  """A run at 16 px initialises a 32 px run: everything loads, pos_embedding is resampled 2x2 -> 4x4."""
+  def cfg(res, steps, extra):
+    c = config_lib.load_config(os.path.join(ROOT, f"configs/vit_shapes.py:res={res},width=32,depth=2,"
+                                            f"heads=2,patch=8,batch=16,steps={steps}"))
+    return config_lib.apply_overrides(c, [
+        "--config.model.posemb=learn", "--config.evals.val.data.split=validation[:32]",
+        "--config.evals.val.batch_size=32", "--config.progress=False", "--config.schedule.warmup_steps=1",
+        *extra])
+  train.train_and_evaluate(cfg(16, 3, ["--config.ckpt_steps=3"]), str(tmp_path / "a"))
+  source = pretrained.read_params(str(tmp_path / "a" / "checkpoints"))
+  assert source["pos_embedding"].shape == (1, 4, 32)
+  config = cfg(32, 2, [f"--config.model_init={tmp_path / 'a'}", "--config.ckpt_steps=0", "--config.lr=0.0"])
+  setup = train.build(config)
+  state, start = train._restore_or_init(setup, config, None, None)  # pylint: disable=protected-access
+  out = capsys.readouterr().out
+  assert start == 0 and "resampled: 1" in out and "pos_embedding" in out and "missing" not in out
+  params = jax.device_get(state["params"])
+  assert params["pos_embedding"].shape == (1, 16, 32)
+  np.testing.assert_array_equal(params["Transformer"]["encoderblock_1"]["MlpBlock_0"]["Dense_0"]["kernel"],
+                                source["Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel"])
+  # The mean of a bilinear upsampling stays close to the source grid's mean.
+  np.testing.assert_allclose(params["pos_embedding"].mean(), source["pos_embedding"].mean(), atol=0.05)
+
+
+def test_label_depth_mismatch_is_named_before_compile(capsys):
+  code = train.main(["--config", os.path.join(ROOT, TINY), "--config.model.num_classes=10", *COMMON,
+                     "--config.ckpt_steps=0"])
+  err = capsys.readouterr().err
+  assert code == 1
+  assert "config.model.num_classes gives 10 logits but the labels from config.input.pp have depth 8" in err

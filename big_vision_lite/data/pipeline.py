@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite.data import sources
+from big_vision_lite.config import ConfigError
 
 PreprocessFn = Callable[[dict, np.random.Generator], dict]
 _EVAL_SEED = 0
@@ -82,7 +83,7 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 
 def _per_process_batch(global_batch_size: int, process_count: int, key: str) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"{key}: global batch size {global_batch_size} must be a positive multiple "
+    raise ConfigError(f"{key}: global batch size {global_batch_size} must be a positive multiple "
                      f"of the number of processes ({process_count})")
   return global_batch_size // process_count
 
@@ -109,7 +110,7 @@ def make_train_iterator(
   source = sources.get_source(data_config, config_key=config_key)
   n = len(source)
   if n < process_count:
-    raise ValueError(f"{config_key}: {n} examples cannot be split over {process_count} processes")
+    raise ConfigError(f"{config_key}: {n} examples cannot be split over {process_count} processes")
   sampler = grain.samplers.IndexSampler(
       num_records=n,
       shard_options=grain.sharding.ShardOptions(
@@ -126,7 +127,8 @@ def make_train_iterator(
           grain.transforms.Batch(per_process, drop_remainder=True),
       ],
       worker_count=num_workers,
-      read_options=grain.ReadOptions(num_threads=16, prefetch_buffer_size=prefetch_buffer_size),
+      read_options=grain.ReadOptions(num_threads=max(1, min(16, prefetch_buffer_size)),
+                                     prefetch_buffer_size=prefetch_buffer_size),
   )
   return iter(loader)
 
@@ -181,7 +183,8 @@ class EvalIterable:
     ds = (grain.MapDataset.range(self.start, self.stop)
           .map(self.example_fn)
           .batch(self.per_process, drop_remainder=True))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=4)))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
+                                                     prefetch_buffer_size=2 * self.num_threads)))
 
 
 def make_eval_iterator(

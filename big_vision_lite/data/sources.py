@@ -19,6 +19,8 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 from flax import serialization
 
+from big_vision_lite.config import ConfigError
+
 BUILTIN = "bvl_shapes"
 
 
@@ -71,7 +73,7 @@ def write_array_record(path: str, examples: Iterable[dict[str, Any]]) -> int:
 def _expand_files(files: str | Sequence[str], key: str) -> list[str]:
   patterns = [files] if isinstance(files, str) else list(files)
   if not patterns:
-    raise ValueError(f"{key}.files is empty: give a glob pattern or a list of ArrayRecord files")
+    raise ConfigError(f"{key}.files is empty: give a glob pattern or a list of ArrayRecord files")
   paths = []
   for pattern in patterns:
     matched = sorted(glob.glob(os.path.expanduser(pattern)))
@@ -91,7 +93,7 @@ def _slice_bounds(split: str | None, n: int, key: str) -> tuple[int, int]:
     ri = tfds.core.ReadInstruction.from_spec(split if split[0] != "[" else name + split)
     (abs_ri,) = ri.to_absolute({name: types.SimpleNamespace(num_examples=n)})
   except Exception as e:
-    raise ValueError(f"{key}.split: cannot parse {split!r}: {e}") from e
+    raise ConfigError(f"{key}.split: cannot parse {split!r}: {e}") from e
   start = abs_ri.from_ or 0
   stop = n if abs_ri.to is None else abs_ri.to
   return start, stop
@@ -101,7 +103,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None, key: str):
   import tensorflow_datasets as tfds
   hint = f"(prepare it with `tfds build {name} --data_dir={data_dir or '<dir>'} --file_format=array_record`)"
   if not data_dir:
-    raise ValueError(f"{key}.data_dir: not set, so tfds dataset {name!r} cannot be found; "
+    raise ConfigError(f"{key}.data_dir: not set, so tfds dataset {name!r} cannot be found; "
                      f"nothing is downloaded at run time {hint}")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -109,10 +111,10 @@ def _tfds_source(name: str, split: str, data_dir: str | None, key: str):
   except Exception:  # Unknown name and not on disk either.
     prepared = False
   if not prepared:
-    raise ValueError(f"{key}.data_dir: dataset {name!r} not found in {data_dir!r} {hint}")
+    raise ConfigError(f"{key}.data_dir: dataset {name!r} not found in {data_dir!r} {hint}")
   file_format = str(builder.info.file_format.value if builder.info.file_format else "tfrecord")
   if file_format not in ("array_record", "parquet"):
-    raise ValueError(f"{key}.name: dataset {name!r} in {data_dir!r} is stored as {file_format}, which has "
+    raise ConfigError(f"{key}.name: dataset {name!r} in {data_dir!r} is stored as {file_format}, which has "
                      f"no random access; rebuild it with --file_format=array_record")
   splits = list(builder.info.splits)
   try:
@@ -120,7 +122,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None, key: str):
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                             decoders=_skip_image_decoding(builder.info.features))
   except Exception as e:
-    raise ValueError(f"{key}.split: cannot read split {split!r} of {name!r} "
+    raise ConfigError(f"{key}.split: cannot read split {split!r} of {name!r} "
                      f"(splits: {', '.join(splits)}): {e}") from e
 
 
@@ -142,19 +144,19 @@ def get_source(data_config: ml_collections.ConfigDict, *, config_key: str = "con
   """
   name = data_config.get("name")
   if not name:
-    raise ValueError(f"{config_key}.name is not set (e.g. 'bvl_shapes', 'array_record' or a tfds name)")
+    raise ConfigError(f"{config_key}.name is not set (e.g. 'bvl_shapes', 'array_record' or a tfds name)")
   split = data_config.get("split", None)
   data_dir = data_config.get("data_dir", None)
   if name == "array_record":
     files = data_config.get("files", None)
     if files is None:
-      raise ValueError(f"{config_key}.files must be set when {config_key}.name is 'array_record'")
+      raise ConfigError(f"{config_key}.files must be set when {config_key}.name is 'array_record'")
     paths = _expand_files(files, config_key)
     n = len(ArrayRecordSource(paths))
     start, stop = _slice_bounds(split, n, config_key)
     return ArrayRecordSource(paths, start, stop)
   if not split:
-    raise ValueError(f"{config_key}.split is not set (e.g. 'train' or 'train[:90%]')")
+    raise ConfigError(f"{config_key}.split is not set (e.g. 'train' or 'train[:90%]')")
   if name.split("/")[0] == BUILTIN:
     from big_vision_lite.data import shapes
     config = name.split("/")[1] if "/" in name else "default"

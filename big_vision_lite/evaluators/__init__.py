@@ -13,6 +13,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from big_vision_lite.registry import Registry
+from big_vision_lite.config import ConfigError
 
 EVALUATORS = Registry("evaluator", "big_vision_lite.evaluators")
 
@@ -26,7 +27,7 @@ class Evaluator:
                default_batch_size: int, total_steps: int):
     unknown = set(config.keys()) - set(self.allowed_keys)
     if unknown:
-      raise ValueError(f"config.evals.{name}.{sorted(unknown)[0]}: unknown key for evaluator "
+      raise ConfigError(f"config.evals.{name}.{sorted(unknown)[0]}: unknown key for evaluator "
                        f"{config.type!r} (allowed: {sorted(self.allowed_keys)})")
     self.name = name
     self.config = config
@@ -47,6 +48,6 @@ def get_evaluators(config: ml_collections.ConfigDict, **kwargs) -> list[Evaluato
   out = []
   for name, ev_config in config.evals.items():
     if "type" not in ev_config:
-      raise ValueError(f"config.evals.{name}.type: missing")
+      raise ConfigError(f"config.evals.{name}.type: missing")
     out.append(EVALUATORS.get(ev_config.type)(name, ev_config, **kwargs))
   return out

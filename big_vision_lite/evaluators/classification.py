@@ -9,6 +9,7 @@ import numpy as np
 from big_vision_lite import losses, sharding
 from big_vision_lite.data import pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
+from big_vision_lite.config import ConfigError
 
 
 @EVALUATORS.register("classification")
@@ -21,7 +22,7 @@ class ClassificationEvaluator(Evaluator):
     super().__init__(name, config, **kwargs)
     for key in ("data", "pp"):
       if key not in config:
-        raise ValueError(f"config.evals.{name}.{key}: missing")
+        raise ConfigError(f"config.evals.{name}.{key}: missing")
     predict = self.task.predict_fns()[config.get("predict", "predict")]
     self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
                                             config_key=f"config.evals.{name}")

@@ -189,7 +189,8 @@ def resample_posemb(posemb: np.ndarray, new_num_tokens_hw: tuple[int, int],
   if (nh, nw) == (gh, gw):
     return posemb
   grid = posemb.reshape(gh, gw, d)
-  # Bilinear with antialiasing, like scipy zoom(order=1) on upsampling and smoother
-  # on downsampling; computed in fp32 then cast back.
-  new = jax.image.resize(jnp.asarray(grid, jnp.float32), (nh, nw, d), method="bilinear")
+  # Plain bilinear without antialiasing, as big_vision's scipy zoom(order=1);
+  # computed in fp32 then cast back.
+  new = jax.image.resize(jnp.asarray(grid, jnp.float32), (nh, nw, d), method="bilinear",
+                         antialias=False)
   return np.asarray(new, dtype=posemb.dtype).reshape(1, nh * nw, d)

@@ -10,6 +10,7 @@ import ml_collections
 
 from big_vision_lite import losses
 from big_vision_lite.tasks import TASKS, Batch, Task
+from big_vision_lite.config import ConfigError
 
 _LOSSES = {"softmax_xent": losses.softmax_xent, "sigmoid_xent": losses.sigmoid_xent}
 
@@ -25,11 +26,11 @@ class Classification(Task):
     allowed = {"name", "loss", "mixup"}
     unknown = set(config.keys()) - allowed
     if unknown:
-      raise ValueError(f"config.task.{sorted(unknown)[0]}: unknown key for task 'classification' "
+      raise ConfigError(f"config.task.{sorted(unknown)[0]}: unknown key for task 'classification' "
                        f"(allowed: {sorted(allowed)})")
     self.loss_name = config.get("loss", "softmax_xent")
     if self.loss_name not in _LOSSES:
-      raise ValueError(f"config.task.loss: {self.loss_name!r} is not one of {sorted(_LOSSES)}")
+      raise ConfigError(f"config.task.loss: {self.loss_name!r} is not one of {sorted(_LOSSES)}")
     self.mixup = float(config.get("mixup", 0.0))
 
   def init_inputs(self, batch: Batch) -> tuple[Any, ...]:
@@ -41,6 +42,9 @@ class Classification(Task):
     if self.mixup > 0:
       images, labels = losses.mixup(mix_rng, self.mixup, images, labels)
     logits, _ = self.model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+    if logits.shape[-1] != labels.shape[-1]:  # checked while tracing, before any compile
+      raise ConfigError(f"config.model.num_classes gives {logits.shape[-1]} logits but the labels from "
+                       f"config.input.pp have depth {labels.shape[-1]} (see its onehot op)")
     per_example = _LOSSES[self.loss_name](logits, labels)
     return jnp.mean(per_example), {}
 

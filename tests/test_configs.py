@@ -1,0 +1,45 @@
+"""Every shipped config loads, validates and builds its model, optimizer and sharded state layout."""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from big_vision_lite import config as config_lib, flops, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_header_states_command_and_expected_result(path):
+  head = open(path).read().split('"""')[0]
+  assert "python -m big_vision_lite.train --config configs/" in head
+  assert "Expected" in head
+
+
+@pytest.mark.parametrize("spec,res,classes", [
+    ("vit_i1k.py", 224, 1000),
+    ("vit_i1k.py:variant=B/16,res=224", 224, 1000),
+    ("vit_i1k.py:variant=Ti/16,res=128", 128, 1000),
+    ("vit_shapes.py", 32, 8),
+])
+def test_recipe_builds(spec, res, classes, tmp_path):
+  config = config_lib.load_config(os.path.join(ROOT, "configs", spec))
+  if config.input.data.name == "imagenet2012":
+    config.input.data.data_dir = str(tmp_path)
+    for ev in config.evals.values():
+      ev.data.data_dir = str(tmp_path)
+  config_lib.validate(config, num_devices=8)
+  config.total_steps = 20_000  # imagenet size is unknown without the data
+  example = {"image": np.zeros((1, res, res, 3), np.float32),
+             "labels": np.zeros((1, classes), np.float32)}
+  setup = train.build(config, mesh=sharding.make_mesh(config.mesh), example=example)
+  n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
+  if "variant=B/16" in spec:
+    assert 86e6 < n_params < 87.5e6  # ViT-B/16 with a 1000-way head (+ pre-logits)
+  elif spec == "vit_i1k.py":
+    assert 21.5e6 < n_params < 22.5e6  # ViT-S/16
+  assert flops.model_forward_flops(setup.model, example) > 0
