@@ -181,9 +181,11 @@ def _restore_or_init(setup: Setup, config, ckpt: checkpoint.Checkpointer | None,
   state = setup.init_state(jax.random.PRNGKey(config.seed))
   if config.model_init:
     host_params = jax.device_get(state["params"])
+    # Optional loader switches (e.g. upcycle=True for MoE) pass through as given.
+    extra = {k: v for k, v in config.model_load.items() if k not in ("subtree", "allow_mismatch")}
     params, report = pretrained.load_pretrained(
         host_params, config.model_init, subtree=config.model_load.subtree or None,
-        allow_mismatch=config.model_load.allow_mismatch)
+        allow_mismatch=config.model_load.allow_mismatch, **extra)
     log.info("Loaded %s:\n%s", config.model_init, report)
     if jax.process_index() == 0:
       print(f"model_init {config.model_init}:\n{report}", flush=True)
