@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from absl import flags as absl_flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -314,6 +315,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  # grain's worker processes read absl flags; we take no absl flags of our own.
+  absl_flags.FLAGS.mark_as_parsed()
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   try:
     config = config_lib.load_config(args.config)

@@ -203,3 +203,18 @@ def test_label_depth_mismatch_is_named_before_compile(capsys):
   err = capsys.readouterr().err
   assert code == 1
   assert "config.model.num_classes gives 10 logits but the labels from config.input.pp have depth 8" in err
+
+
+def test_resume_with_grain_worker_processes_is_bitwise_identical(tmp_path):
+  """With input worker processes the iterator state is restored too; no orphaned workers remain."""
+  ref = tmp_path / "ref"
+  r = run_cli(ref, "--config.input.num_workers=1", "--config.total_steps=8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  killed = tmp_path / "killed"
+  r = run_cli(killed, "--config.input.num_workers=1", "--config.total_steps=8", fault="kill@4")
+  assert r.returncode == -9, r.stderr[-2000:]
+  r = run_cli(killed, "--config.input.num_workers=1", "--config.total_steps=8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert_bitwise_equal(final_params(killed), final_params(ref))
+  leftover = subprocess.run(["pgrep", "-f", str(killed)], capture_output=True, text=True).stdout.split()
+  assert not leftover, f"processes still running for {killed}: {leftover}"

@@ -1,0 +1,10 @@
+"""Export our checkpoints to PyTorch libraries (timm, ...) and import big_vision checkpoints.
+
+CLI: `python -m big_vision_lite.convert --help`. Programmatic entry points live in
+`convert.pipeline`; per-target tables in `timm_vit`, `bigvision`; shared machinery
+in `tables`. torch is only imported by the export paths (see `torch_env`).
+"""
+
+from big_vision_lite.convert.tables import ConversionError
+
+__all__ = ["ConversionError"]

@@ -1,0 +1,164 @@
+"""End-to-end conversions: workdir checkpoint -> target folder (+ parity check), file -> model_init .npz."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from big_vision_lite.convert import bigvision, tables, timm_vit
+from big_vision_lite.convert import vit as cv
+from big_vision_lite.convert.tables import ConversionError
+
+TARGETS = ("timm",)
+ATOL = 1e-4  # What the transformers converters assert in fp32.
+
+
+def read_run(workdir: str, step: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(the run's config.json as a dict, flat params of `step` or the latest complete step)."""
+  from big_vision_lite import pretrained
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise ConversionError(f"{cfg_path} does not exist (the trainer writes it): is {workdir} a workdir?")
+  with open(cfg_path) as f:
+    config = json.load(f)
+  path = workdir if step is None else os.path.join(workdir, "checkpoints", str(step))
+  if step is not None and not os.path.isdir(path):
+    have = sorted(os.listdir(os.path.join(workdir, "checkpoints"))) if os.path.isdir(
+        os.path.join(workdir, "checkpoints")) else []
+    raise ConversionError(f"no checkpoint for step {step}: {path} does not exist (have: {have})")
+  return config, pretrained.read_params(path)
+
+
+def image_size_from_pp(config: Mapping[str, Any]) -> int | None:
+  """The last fixed size a preprocessing string resizes/crops to, e.g. 'resize(32)' -> 32."""
+  pps = [config.get("input", {}).get("pp") or ""]
+  pps += [e.get("pp") or "" for e in (config.get("evals") or {}).values() if isinstance(e, dict)]
+  for pp in pps:
+    sizes = re.findall(r"(?:resize|central_crop|random_crop|inception_crop|resize_small)\((\d+)", pp)
+    if sizes:
+      return int(sizes[-1])
+  return None
+
+
+def vit_subtree(config: Mapping[str, Any], flat: Mapping[str, np.ndarray],
+                subtree: str | None) -> tuple[str, dict[str, Any], Any]:
+  """(key prefix of the ViT, its model kwargs from the config, our full module or None).
+
+  The full module is returned only when the whole model is the ViT, so the
+  parity check runs the configured model itself (scan, variant and all).
+  """
+  from big_vision_lite import models
+  name, kw = config.get("model_name", "vit"), dict(config.get("model") or {})
+  if subtree is None:
+    subtree = "" if name == "vit" else "img"
+  if not subtree:
+    if name != "vit":
+      raise ConversionError(f"model {name!r} is not a ViT: pass --subtree (e.g. img)")
+    # Parity in fp32 and without remat: the export is fp32.
+    module = models.get_model(name, **{**kw, "dtype_mm": "float32", "remat_policy": "none", "dropout": 0.0})
+    return "", kw, module
+  prefix = subtree.rstrip("/") + "/"
+  if not any(k.startswith(prefix) for k in flat):
+    raise ConversionError(f"no params under {subtree!r} (top-level: {sorted({k.split('/')[0] for k in flat})})")
+  # Tower kwargs: config.model.<subtree> or config.model.image (two-tower convention).
+  tower = kw.get(subtree) or kw.get("image") or {}
+  return prefix, dict(tower) if isinstance(tower, dict) else {}, None
+
+
+def export_run(workdir: str, out: str, *, to: str = "timm", step: int | None = None,
+               subtree: str | None = None, image_size: int | None = None, verify: bool = True,
+               atol: float = ATOL, log=print) -> dict[str, Any]:
+  """Exports a run's checkpoint to `to`; returns {'out', 'max_abs_diff' (if verified), ...}."""
+  if to not in TARGETS:
+    raise ConversionError(f"unknown target {to!r} (this build supports: {', '.join(TARGETS)})")
+  config, flat = read_run(workdir, step)
+  prefix, kw, module = vit_subtree(config, flat, subtree)
+  sub = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  if not prefix and (others := sorted(set(flat) - set(sub))):
+    raise ConversionError(f"unmapped keys: {tables._fmt(others)}")
+  spec = cv.spec_from_params(sub, pool_type=kw.get("pool_type"), norm_eps=kw.get("norm_eps", 1e-6),
+                             image_size=image_size or (None if "pos_embedding" in tables.unscan(sub)
+                                                       else image_size_from_pp(config)),
+                             what=f"{workdir}{'/' + prefix if prefix else ''}")
+  cfg = timm_vit.export(sub, spec, out)
+  log(f"wrote {out}/model.safetensors and config.json (timm {cfg['architecture']} with "
+      f"{json.dumps(cfg['model_args'])})")
+  result: dict[str, Any] = dict(out=out, spec=spec, hub_config=cfg)
+  if verify:
+    result["max_abs_diff"] = diff = verify_timm(sub, spec, out, module=module)
+    log(f"verify: max |ours - timm| = {diff:.3g} (limit {atol:g})")
+    if not diff <= atol:
+      raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {atol:g}")
+  return result
+
+
+def verify_timm(flat: Mapping[str, np.ndarray], spec: cv.VitSpec, out: str, module: Any = None) -> float:
+  """Runs ours and the exported timm model (loaded from `out`) on fixed inputs; max abs diff."""
+  images = cv.fixed_images(spec)
+  ours = cv.run_ours(flat, spec, images, model=module)
+  theirs = timm_vit.run_torch(timm_vit.load(out), images)
+  if ours.shape != theirs.shape:
+    raise ConversionError(f"parity: output shapes differ, ours {ours.shape} vs timm {theirs.shape}")
+  return float(np.max(np.abs(ours - theirs)))
+
+
+def import_file(src: str, out: str, *, kind: str = "bigvision", scan: bool | None = None,
+                subtree: str = "", pool_type: str | None = None, verify: bool = True,
+                log=print) -> dict[str, Any]:
+  """A big_vision .npz (or a timm export folder) -> `out` .npz loadable as config.model_init."""
+  prefix = subtree.rstrip("/") + "/" if subtree else ""
+  if kind == "bigvision":
+    flat = bigvision.read_npz(src)
+    converted, spec, notes = bigvision.import_vit(flat, prefix=prefix, pool_type=pool_type, scan=scan,
+                                                  what=src)
+    source = {k[len(prefix):]: v for k, v in bigvision.fix_legacy_names(
+        tables.unscan({k[len(prefix):]: v for k, v in flat.items()}))[0].items()}
+  elif kind == "timm":
+    spec, converted = _import_timm_dir(src, scan=scan)
+    notes, source = [], None
+    converted = {prefix + k: v for k, v in converted.items()}
+  else:
+    raise ConversionError(f"unknown import kind {kind!r} (bigvision, timm)")
+  for n in notes:
+    log(f"renamed: {n}")
+  bigvision.save_npz(converted, out)
+  log(f"wrote {out}: {len(converted)} arrays, ViT width {spec.width} depth {spec.depth} "
+      f"heads {spec.num_heads} pool {spec.pool_type} posemb {spec.posemb}, "
+      f"{'scanned' if tables.is_scanned(converted) else 'unrolled'} layers")
+  result: dict[str, Any] = dict(out=out, spec=spec)
+  if verify:
+    sub = {k[len(prefix):]: v for k, v in converted.items()}
+    images = cv.fixed_images(spec)
+    # Our model with the imported params vs the source model (timm, or our
+    # unrolled ViT on the original big_vision arrays).
+    from big_vision_lite.models import vit as vit_lib
+    model = vit_lib.vit(**{**spec.model_kwargs(), "scan": tables.is_scanned(sub)})
+    ours = cv.run_ours(sub, spec, images, model=model)
+    ref = (timm_vit.run_torch(timm_vit.load(src), images) if kind == "timm"
+           else cv.run_ours(source, spec, images))
+    result["max_abs_diff"] = diff = float(np.max(np.abs(ours - ref)))
+    log(f"verify: max |imported - source| = {diff:.3g} (limit {ATOL:g})")
+    if not diff <= ATOL:
+      raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {ATOL:g}")
+  return result
+
+
+def _import_timm_dir(path: str, scan: bool | None) -> tuple[cv.VitSpec, dict[str, np.ndarray]]:
+  from safetensors.numpy import load_file
+  with open(os.path.join(path, "config.json")) as f:
+    args = json.load(f)["model_args"]
+  pool = {v: k for k, v in timm_vit.TIMM_POOL.items()}[args["global_pool"]]
+  sd = load_file(os.path.join(path, "model.safetensors"))
+  posemb = "learn"
+  mlp_dim = int(args["embed_dim"] * args["mlp_ratio"])
+  patch = tuple(args["patch_size"]) if isinstance(args["patch_size"], list) else (args["patch_size"],) * 2
+  img = tuple(args["img_size"]) if isinstance(args["img_size"], list) else (args["img_size"],) * 2
+  spec = cv.VitSpec(width=args["embed_dim"], depth=args["depth"], num_heads=args["num_heads"],
+                    mlp_dim=mlp_dim, patch=patch, in_chans=args.get("in_chans", 3),
+                    grid=(img[0] // patch[0], img[1] // patch[1]), pool_type=pool, posemb=posemb,
+                    num_classes=args.get("num_classes", 0), rep_size=0)
+  return spec, timm_vit.from_state_dict(sd, spec, scan=bool(scan), what=f"{path}")
