@@ -104,9 +104,51 @@ def vit_forward_flops(
   return total
 
 
+def vmoe_forward_flops(image_size: int | Sequence[int], patch_size: int | Sequence[int], width: int,
+                       depth: int, mlp_dim: int | None = None, num_classes: int = 0,
+                       pool_type: str = "gap", channels: int = 3, *, num_moe_layers: int = 0,
+                       num_experts: int = 8, experts_per_token: float = 2.0) -> float:
+  """Forward matmul FLOPs of one image through an MoE-ViT.
+
+  The dense ViT count, then in each of the `num_moe_layers` MoE blocks the MLP
+  term 4*S*D*mlp becomes `experts_per_token` times it (k for top-k routing), plus
+  the router 2*S*D*E. Dispatch/combine einsums are not counted: they are data
+  movement written as matmuls, not model compute.
+  """
+  total = vit_forward_flops(image_size, patch_size, width, depth, mlp_dim, num_classes, pool_type,
+                            channels)
+  ih, iw = _pair(image_size)
+  ph, pw = _pair(patch_size)
+  seq = (ih // ph) * (iw // pw) + (1 if pool_type == "tok" else 0)
+  mlp = 4 * width if mlp_dim is None else mlp_dim
+  per_layer = (experts_per_token - 1.0) * 4 * seq * width * mlp + 2 * seq * width * num_experts
+  return total + num_moe_layers * per_layer
+
+
+def _vmoe_flops(model: Any, h: int, w: int, c: int) -> float:
+  moe = dict(model.moe or ())
+  e = int(moe.get("num_experts", 8))
+  router = moe.get("router", "topk")
+  seq = (h // model.patch_size[0]) * (w // model.patch_size[1])
+  if router == "topk":
+    per_token = float(moe.get("num_selected_experts", 2))
+  elif router == "experts_choice":  # E experts x C slots over S tokens, C = ceil(S*cf/E)
+    per_token = e * math.ceil(seq * float(moe.get("capacity_factor", 1.05)) / e) / seq
+  else:  # soft: E*slots slot-MLPs per image, plus dispatch/combine over the slots
+    per_token = e * int(moe.get("soft_slots", 1)) / seq
+  return vmoe_forward_flops((h, w), model.patch_size, model.width, model.depth, model.mlp_dim,
+                            model.num_classes or 0, model.pool_type, c,
+                            num_moe_layers=len(model.moe_layers), num_experts=e,
+                            experts_per_token=per_token)
+
+
 def model_forward_flops(model: Any, example: Mapping[str, Any]) -> float | None:
-  """Analytic forward FLOPs of one example for models with a formula (ViT); None otherwise."""
+  """Analytic forward FLOPs of one example for models with a formula (ViT, V-MoE); None otherwise."""
   from big_vision_lite.models.vit import ViT  # local: keep this module free of flax at import
+  from big_vision_lite.models.vmoe import VMoE
+  if isinstance(model, VMoE) and "image" in example:
+    _, h, w, c = example["image"].shape
+    return _vmoe_flops(model, h, w, c)
   if not isinstance(model, ViT) or "image" not in example:
     return None
   _, h, w, c = example["image"].shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from etils import epath
@@ -133,8 +134,25 @@ def _place(value: np.ndarray, like: Any) -> Any:
   return value
 
 
+# An MoE expert weight and the dense MLP weight it is upcycled from (models/vmoe.py names).
+_EXPERT_RE = re.compile(r"^(.*)/MoeMlpBlock_0/experts/(Dense_[01]/(?:kernel|bias))$")
+
+
+def _upcycle(ckpt: dict[str, np.ndarray], names: list[str]) -> tuple[dict[str, np.ndarray], set[str]]:
+  """Adds expert params tiled from the dense MlpBlock_0 they replace; returns them and the sources used."""
+  added, used = {}, set()
+  for name in names:
+    m = _EXPERT_RE.match(name)
+    src = f"{m.group(1)}/MlpBlock_0/{m.group(2)}" if m else None
+    if src is not None and name not in ckpt and src in ckpt:
+      added[name] = src
+      used.add(src)
+  return added, used
+
+
 def load_pretrained(params_target: Any, path: str, *, subtree: str | None = None,
-                    resample_posemb: bool = True, allow_mismatch: bool = False) -> tuple[Any, LoadReport]:
+                    resample_posemb: bool = True, allow_mismatch: bool = False,
+                    upcycle: bool = False, target_prefix: str = "") -> tuple[Any, LoadReport]:
   """Returns (params shaped like `params_target`, LoadReport).
 
   `path` is a .npz of flat 'a/b/c' keys (big_vision style; a 'params/' prefix
@@ -146,6 +164,14 @@ def load_pretrained(params_target: Any, path: str, *, subtree: str | None = None
   checkpoint keep their value. A shape mismatch raises CheckpointError unless
   `allow_mismatch`, which keeps the target value instead. Loaded values take the
   target leaf's dtype and, for jax.Array / ShapeDtypeStruct leaves, its sharding.
+
+  `upcycle` (sparse upcycling, dense ViT -> MoE-ViT): every expert of an MoE
+  block's `MoeMlpBlock_0/experts/Dense_i` starts as a copy of that block's dense
+  `MlpBlock_0/Dense_i`; the routers keep their init.
+
+  `target_prefix` puts the checkpoint's params under that '/'-separated prefix of
+  the target (e.g. a ViT classifier checkpoint into 'img' of a two-tower model,
+  for LiT); target leaves outside the prefix are kept and not reported missing.
   """
   p = epath.Path(path)
   if not p.exists():
@@ -154,14 +180,33 @@ def load_pretrained(params_target: Any, path: str, *, subtree: str | None = None
     ckpt, source = _read_orbax(p, subtree)
   else:
     ckpt, source = _read_npz(p, subtree), str(p)
+  target_prefix = target_prefix.strip("/")
+  if target_prefix:
+    ckpt = {f"{target_prefix}/{k}": v for k, v in ckpt.items()}
 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params_target)
   report = LoadReport(source=source)
+  upcycled, upcycle_sources = ({}, set())
+  if upcycle:
+    upcycled, upcycle_sources = _upcycle(ckpt, [path_str(kp) for kp, _ in leaves])
+    if not upcycled:
+      raise CheckpointError(f"{source}: upcycle=True but no MoE expert param of the target has a "
+                            "dense MlpBlock_0 counterpart in the checkpoint")
   out = []
   for kp, leaf in leaves:
     name = path_str(kp)
+    if name in upcycled:
+      value, want = ckpt[upcycled[name]], tuple(leaf.shape)
+      if tuple(value.shape) != want[1:]:
+        report.mismatched.append(f"{name}: dense {upcycled[name]} {value.shape} vs experts {want}")
+        out.append(leaf)
+        continue
+      report.loaded.append(f"{name} (upcycled from {upcycled[name]})")
+      out.append(_place(np.broadcast_to(value, want), leaf))
+      continue
     if name not in ckpt:
-      report.missing.append(name)
+      if not target_prefix or name.startswith(target_prefix + "/"):
+        report.missing.append(name)
       out.append(leaf)
       continue
     value, want = ckpt[name], tuple(leaf.shape)
@@ -176,7 +221,7 @@ def load_pretrained(params_target: Any, path: str, *, subtree: str | None = None
     report.loaded.append(name)
     out.append(_place(value, leaf))
   target_names = {path_str(kp) for kp, _ in leaves}
-  report.unexpected = sorted(set(ckpt) - target_names)
+  report.unexpected = sorted(set(ckpt) - target_names - upcycle_sources)
   if report.mismatched and not allow_mismatch:
     raise CheckpointError(f"{source}: shape mismatch for {'; '.join(report.mismatched[:5])}"
                           " (pass allow_mismatch=True to keep the target init for these)")

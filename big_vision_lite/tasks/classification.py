@@ -41,12 +41,16 @@ class Classification(Task):
     mix_rng, dropout_rng = jax.random.split(rng)
     if self.mixup > 0:
       images, labels = losses.mixup(mix_rng, self.mixup, images, labels)
-    logits, _ = self.model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+    logits, out = self.model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
     if logits.shape[-1] != labels.shape[-1]:  # checked while tracing, before any compile
       raise ConfigError(f"config.model.num_classes gives {logits.shape[-1]} logits but the labels from "
                        f"config.input.pp have depth {labels.shape[-1]} (see its onehot op)")
-    per_example = _LOSSES[self.loss_name](logits, labels)
-    return jnp.mean(per_example), {}
+    loss = jnp.mean(_LOSSES[self.loss_name](logits, labels))
+    if "aux_loss" not in out:  # plain models: unchanged
+      return loss, {}
+    # Models with auxiliary losses (MoE load balancing): add them, log both parts and their metrics.
+    metrics = {"main_loss": loss, "aux_loss": out["aux_loss"], **out.get("moe_metrics", {})}
+    return loss + out["aux_loss"], metrics
 
   def predict_fns(self):
     def predict(params, batch):

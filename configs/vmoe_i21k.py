@@ -1,0 +1,60 @@
+# V-MoE on ImageNet-21k (i21k-style pretraining): "B/16, E=8, k=2, every 2nd block", BPR,
+# capacity factor 1.05 for training (the paper's pretraining value), eval capacity
+# via eval_cf; sigmoid loss over the 21843 classes, 90 epochs at batch 4096.
+# Fine-tune the result on i1k with configs/vmoe_i1k.py:cf=1.5,eval_cf=1.5 + model_init.
+#
+#   python -m big_vision_lite.train --config configs/vmoe_i21k.py:data_dir=/path/to/tfds \
+#       --workdir gs://bucket/vmoe_b16_i21k
+#   (fine-tuning-style capacity: ...:cf=1.5,eval_cf=1.5; upcycle a dense ViT:
+#    --config.model_init=<dense workdir or .npz> --config.model_load.upcycle=True)
+#
+# Not run here (no ImageNet on this machine). Paper (V-MoE, Riquelme et al. 2021)
+# numbers are for JFT-300M pretraining + fine-tuning, not this from-scratch recipe.
+"""V-MoE (MoE-ViT) pretraining on ImageNet-21k (tfds imagenet21k, prepared by the user)."""
+
+from big_vision_lite.config import ConfigDict, parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, variant="B/16", res=224, data_dir="", epochs=90.0, batch=4096, workers=32,
+                   experts=8, k=2, every=2, last=0, cf=1.05, eval_cf=1.05, bpr=True,
+                   router="topk", group_size=0, ep=1)
+  c = ConfigDict()
+  c.seed = 0
+  c.total_epochs = args.epochs
+
+  pp_common = ("|value_range(-1, 1)|onehot(21843, key='label', key_result='labels')"
+               "|keep('image', 'labels')")
+  c.input = ConfigDict()
+  c.input.data = dict(name="imagenet21k", split="full[51200:]", data_dir=args.data_dir or None)
+  c.input.batch_size = args.batch
+  c.input.num_workers = args.workers
+  c.input.pp = f"decode|inception_crop({args.res})|flip_lr" + pp_common
+
+  c.model_name = "vmoe"
+  c.model = dict(variant=args.variant, num_classes=21843, rep_size=True, pool_type="gap",
+                 posemb="sincos2d",
+                 moe_every=args.every, moe_last=args.last, num_experts=args.experts,
+                 num_selected_experts=args.k, router=args.router, capacity_factor=args.cf,
+                 eval_capacity_factor=args.eval_cf, bpr=args.bpr, importance_weight=0.005,
+                 load_weight=0.005, group_size=args.group_size or None)
+  c.task = dict(name="classification", loss="sigmoid_xent")
+
+  c.optax_name = "scale_by_adam"
+  c.wd = 0.0001
+  c.lr = 0.001
+  c.schedule = dict(warmup_steps=10_000, decay_type="cosine")
+  c.grad_clip_norm = 1.0
+  # ep > 1 splits the experts over the `expert` mesh axis (tokens move by all-to-all);
+  # e.g. ep=8 on 8+ devices. The batch is split over data x expert either way.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=args.ep)
+
+  pp_eval = f"decode|resize_small({args.res * 8 // 7})|central_crop({args.res})" + pp_common
+  c.evals = dict(
+      minival=dict(type="classification", pp=pp_eval, log_steps=5000,
+                   data=dict(name="imagenet21k", split="full[:51200]", data_dir=args.data_dir or None)),
+  )
+  c.log_training_steps = 50
+  c.ckpt_steps = 1000
+  c.keep_ckpts = 3
+  return c

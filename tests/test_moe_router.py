@@ -1,0 +1,170 @@
+"""MoE router math against plain NumPy: capacity, top-1-before-top-2 priority, BPR, aux losses."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_vision_lite.models import moe
+
+
+def _softmax(x):
+  x = np.exp(x - x.max(-1, keepdims=True))
+  return x / x.sum(-1, keepdims=True)
+
+
+def _ref_positions(gates, k, cap, bpr):
+  """Loop reference: serve rank 0 of every token, then rank 1, ...; BPR visits by top gate."""
+  g, s, e = gates.shape
+  idx = np.argsort(-gates, axis=-1, kind="stable")[..., :k]
+  keep = np.zeros((g, s, k), bool)
+  pos = np.full((g, s, k), -1)
+  for gi in range(g):
+    order = np.argsort(-gates[gi].max(-1), kind="stable") if bpr else np.arange(s)
+    count = np.zeros(e, int)
+    for r in range(k):
+      for t in order:
+        ex = idx[gi, t, r]
+        if count[ex] < cap:
+          keep[gi, t, r], pos[gi, t, r] = True, count[ex]
+        count[ex] += 1
+  return idx, keep, pos
+
+
+def test_capacity_formula():
+  assert moe.capacity(2, 196, 1.05, 8) == math.ceil(2 * 196 * 1.05 / 8) == 52
+  assert moe.capacity(1, 16, 1.0, 4) == 4
+  assert moe.capacity(1, 3, 0.01, 8) == 1  # at least one slot
+  assert moe.capacity(2, 10, 100.0, 4) == 10  # never more than the group
+
+
+@pytest.mark.parametrize("bpr", [False, True])
+@pytest.mark.parametrize("k,cf", [(1, 1.0), (2, 1.0), (2, 0.5), (3, 1.25)])
+def test_positions_match_numpy(bpr, k, cf):
+  rng = np.random.default_rng(k * 10 + int(bpr))
+  gates = _softmax(rng.normal(size=(3, 12, 4)) * 2).astype(np.float32)
+  cap = moe.capacity(k, 12, cf, 4)
+  idx, keep, pos = jax.tree.map(np.asarray, moe.top_k_positions(jnp.asarray(gates), k, cap, bpr))
+  ridx, rkeep, rpos = _ref_positions(gates, k, cap, bpr)
+  np.testing.assert_array_equal(idx, ridx)
+  np.testing.assert_array_equal(keep, rkeep)
+  np.testing.assert_array_equal(np.where(keep, pos, -1), np.where(rkeep, rpos, -1))
+
+
+def test_top1_served_before_any_top2():
+  # 3 tokens, 2 experts, capacity 2. Token 0's 2nd choice (expert 1) comes first in
+  # token order but must lose to tokens 1 and 2 whose 1st choice is expert 1; then
+  # expert 0 has one slot left for the 2nd choices: token 1 gets it, token 2 is dropped.
+  gates = jnp.asarray([[[0.6, 0.4], [0.3, 0.7], [0.2, 0.8]]], jnp.float32)
+  _, keep, pos = moe.top_k_positions(gates, 2, 2, bpr=False)
+  np.testing.assert_array_equal(np.asarray(keep), [[[True, False], [True, True], [True, False]]])
+  np.testing.assert_array_equal(np.asarray(pos)[0, 1:, 0], [0, 1])
+
+
+def test_bpr_most_confident_tokens_win():
+  # All tokens want expert 0; capacity 1. Without BPR token 0 wins, with BPR token 2 (gate 0.9).
+  gates = jnp.asarray([[[0.55, 0.45], [0.7, 0.3], [0.9, 0.1]]], jnp.float32)
+  _, keep, _ = moe.top_k_positions(gates, 1, 1, bpr=False)
+  np.testing.assert_array_equal(np.asarray(keep)[0, :, 0], [True, False, False])
+  _, keep, _ = moe.top_k_positions(gates, 1, 1, bpr=True)
+  np.testing.assert_array_equal(np.asarray(keep)[0, :, 0], [False, False, True])
+
+
+def test_importance_loss_matches_numpy():
+  gates = _softmax(np.random.default_rng(0).normal(size=(2, 5, 4))).astype(np.float32)
+  imp = gates.reshape(-1, 4).sum(0)
+  want = (imp.std() / imp.mean()) ** 2
+  np.testing.assert_allclose(float(moe.importance_loss(jnp.asarray(gates))), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_load_loss_matches_numpy(k):
+  rng = np.random.default_rng(k)
+  logits = rng.normal(size=(2, 6, 4)).astype(np.float32)
+  std = 0.25
+  noisy = (logits + std * rng.normal(size=logits.shape)).astype(np.float32)
+  thr = np.sort(noisy, -1)[..., -k][..., None]
+  phi = np.vectorize(lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2))))
+  p = 1 - phi((thr - logits) / std)
+  pm = p.mean(1)
+  want = np.mean((pm.std(-1) / pm.mean(-1)) ** 2)
+  got = moe.load_loss(jnp.asarray(logits), jnp.asarray(noisy), std, k)
+  np.testing.assert_allclose(float(got), want, rtol=1e-4)
+
+
+def test_route_top_k_dispatch_combine_and_weights():
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(2, 8, 4)), jnp.float32)
+  r = moe.route_top_k(logits, logits, k=2, capacity_factor=100.0, bpr=True, noise_std=0.0)
+  gates = _softmax(np.asarray(logits))
+  d, c = np.asarray(r.dispatch), np.asarray(r.combine)
+  assert d.shape == (2, 8, 4, 8)
+  np.testing.assert_array_equal(d.sum((2, 3)), 2)  # every token reached both its experts
+  assert d.sum(1).max() == 1  # one token per slot
+  top2 = np.sort(gates, -1)[..., -2:].sum(-1)
+  np.testing.assert_allclose(c.sum((2, 3)), top2, rtol=1e-5)
+  assert float(r.metrics["dropped"]) == 0.0
+  want_aux = 0.005 * float(moe.importance_loss(jnp.asarray(gates)))
+  assert float(r.aux_loss) >= want_aux  # plus the (hard) load term
+  # Tight capacity: drops, and a dropped choice leaves no trace in dispatch or combine.
+  r = moe.route_top_k(logits, logits, k=2, capacity_factor=0.5, bpr=True, noise_std=0.0)
+  assert float(r.metrics["dropped"]) > 0
+  assert np.asarray(r.dispatch).sum((1, 3)).max() <= moe.capacity(2, 8, 0.5, 4)
+
+
+def test_experts_choice_and_soft():
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(2, 8, 4)), jnp.float32)
+  r = moe.route_experts_choice(logits, capacity_factor=1.0)
+  d = np.asarray(r.dispatch)
+  np.testing.assert_array_equal(d.sum(1), 1)  # every slot of every expert filled with one token
+  assert float(r.aux_loss) == 0.0
+  soft = moe.route_soft(jnp.asarray(rng.normal(size=(2, 8, 6)), jnp.float32), slots=2)
+  assert soft.dispatch.shape == (2, 8, 3, 2)
+  np.testing.assert_allclose(np.asarray(soft.dispatch).sum(1), 1, rtol=1e-5)  # slot = convex mix
+  np.testing.assert_allclose(np.asarray(soft.combine).sum((2, 3)), 1, rtol=1e-5)
+  assert float(soft.aux_loss) == 0.0 and float(soft.metrics["dropped"]) == 0.0
+
+
+def test_groups_follow_the_batch():
+  assert moe.groups_for(1, 16, group_size=256, num_groups=None) == 1  # batch-1 inference
+  assert moe.groups_for(32, 16, group_size=64, num_groups=None) == 8
+  assert moe.groups_for(32, 16, group_size=None, num_groups=None) == 32
+  assert moe.groups_for(32, 16, group_size=512, num_groups=None, shards=8) == 8  # no group spans devices
+  assert moe.groups_for(1, 16, group_size=None, num_groups=8) == 1
+  assert moe.groups_for(12, 16, group_size=None, num_groups=8) == 4
+
+
+def _block(**kw):
+  return moe.MoeMlpBlock(num_experts=4, num_selected_experts=2, mlp_dim=16, **kw)
+
+
+def test_noise_only_in_training_and_dropped_tokens_get_zero():
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 8, 8)), jnp.float32)
+  blk = _block(capacity_factor=0.25, eval_capacity_factor=0.25, bpr=False)
+  v = blk.init({"params": jax.random.PRNGKey(0)}, x)
+  y_eval, m = blk.apply(v, x)
+  y_eval2, _ = blk.apply(v, x)
+  np.testing.assert_array_equal(np.asarray(y_eval), np.asarray(y_eval2))  # eval: no noise
+  y_tr, _ = blk.apply(v, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+  assert not np.allclose(np.asarray(y_tr), np.asarray(y_eval))
+  assert float(m["dropped_tokens"]) > 0
+  dropped = np.all(np.asarray(y_eval) == 0, axis=-1)
+  np.testing.assert_allclose(dropped.mean(), float(m["dropped_tokens"]))
+
+
+def test_eval_capacity_factor_is_separate():
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 8, 8)), jnp.float32)
+  blk = _block(capacity_factor=0.25, eval_capacity_factor=8.0, noise_std=0.0)
+  v = blk.init({"params": jax.random.PRNGKey(0)}, x)
+  _, m_eval = blk.apply(v, x)
+  _, m_train = blk.apply(v, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+  assert float(m_eval["dropped"]) == 0.0 and float(m_train["dropped"]) > 0
+
+
+def test_unknown_router_is_a_clear_error():
+  x = jnp.zeros((1, 4, 8))
+  with pytest.raises(ValueError, match="unknown MoE router 'hash'"):
+    _block(router="hash").init({"params": jax.random.PRNGKey(0)}, x)
