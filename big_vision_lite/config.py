@@ -299,8 +299,8 @@ def _check_data(data: ConfigDict, key: str) -> None:
   check(bool(name), f"{key}.name", "missing dataset name")
   if name == "bvl_shapes":
     return
-  if name == "array_record":
-    check(bool(data.get("files")), f"{key}.files", "array_record needs a file pattern or list")
+  if name in ("array_record", "tar"):
+    check(bool(data.get("files")), f"{key}.files", f"{name} needs a file pattern or list")
     return
   data_dir = data.get("data_dir")
   check(bool(data_dir), f"{key}.data_dir",

@@ -99,24 +99,41 @@ def param_shardings(boxed_abstract_params: Any, mesh: Mesh, rules) -> Any:
       mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))
 
 
+def _dict_key_suffix(path) -> tuple[str, ...]:
+  """The trailing run of dict keys of a tree path: the parameter's name inside optimizer state."""
+  names = []
+  for k in reversed(path):
+    if not isinstance(k, jax.tree_util.DictKey):
+      break
+    names.append(str(k.key))
+  return tuple(reversed(names))
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
                         params_shardings: Any, mesh: Mesh) -> Any:
-  """Optimizer state leaves that mirror a parameter take its sharding; others replicate."""
+  """Optimizer state leaves that mirror a parameter take its sharding; others replicate.
+
+  A state leaf mirrors a parameter when its path ends with that parameter's
+  path and the shapes agree (Adam moments do; factored Adafactor statistics and
+  counters do not). Frozen parameters have no state (MaskedNode), so nothing
+  is needed for them.
+  """
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  replicated = NamedSharding(mesh, P())
+  by_path = {}
+  for (path, p), (_, sh) in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                jax.tree_util.tree_flatten_with_path(params_shardings)[0]):
+    by_path[_dict_key_suffix(path)] = (p.shape, sh)
+  repl = NamedSharding(mesh, P())
 
-  def like_param(leaf, param, sharding):
-    if getattr(leaf, "shape", None) == param.shape:
-      return sharding
-    return replicated  # e.g. factored second moments of a different shape
+  def pick(path, leaf):
+    name = _dict_key_suffix(path)
+    for i in range(len(name)):  # the state may nest the param tree under extra dict keys
+      shape, sh = by_path.get(name[i:], (None, None))
+      if sh is not None:
+        return sh if shape == getattr(leaf, "shape", None) else repl
+    return repl
 
-  mapped = optax.tree_map_params(
-      tx, like_param, abstract_opt, abstract_params, params_shardings,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding))
-  # Leaves that are not arrays (MaskedNode etc.) carry no sharding.
-  return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, mapped,
-                      is_leaf=lambda x: isinstance(x, NamedSharding))
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -8,7 +8,7 @@
 #   (fine-tuning-style capacity: ...:cf=1.5,eval_cf=1.5; upcycle a dense ViT:
 #    --config.model_init=<dense workdir or .npz> --config.model_load.upcycle=True)
 #
-# Not run here (no ImageNet on this machine). Paper (V-MoE, Riquelme et al. 2021)
+# Expected: not measured (no ImageNet on this machine). Paper (V-MoE, Riquelme et al. 2021)
 # numbers are for JFT-300M pretraining + fine-tuning, not this from-scratch recipe.
 """V-MoE (MoE-ViT) pretraining on ImageNet-21k (tfds imagenet21k, prepared by the user)."""
 

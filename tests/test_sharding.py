@@ -90,3 +90,25 @@ def test_opt_state_follows_param_sharding():
   specs = [s.spec for s in jax.tree.leaves(setup.state_shardings["opt_state"])]
   assert any("fsdp" in str(s) for s in specs)
   assert P() in specs  # step counters stay replicated
+
+
+def test_frozen_params_train_sharded_and_stay_bit_identical():
+  c = _tiny_config(fsdp=4, data=2)
+  c.frozen = ["Transformer/encoderblock_0/.*"]
+  example = {"image": np.zeros((1, 16, 16, 3), np.float32), "labels": np.zeros((1, 8), np.float32)}
+  mesh = sharding.make_mesh(c.mesh)
+  setup = train.build(c, mesh=mesh, example=example)
+  step_fn = train.make_train_step(setup, 1)
+  state = setup.init_state(jax.random.PRNGKey(0))
+  before = jax.device_get(state["params"])
+  rng = np.random.default_rng(0)
+  with jax.set_mesh(mesh), train.nn.logical_axis_rules(setup.rules):
+    for _ in range(3):
+      batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+               "labels": np.eye(8, dtype=np.float32)[rng.integers(0, 8, 16)]}
+      state, _ = step_fn(state, sharding.global_batch(batch, mesh))
+  after = jax.device_get(state["params"])
+  frozen, trained = before["Transformer"]["encoderblock_0"], before["Transformer"]["encoderblock_1"]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), after["Transformer"]["encoderblock_0"], frozen)
+  assert not np.array_equal(after["Transformer"]["encoderblock_1"]["MlpBlock_0"]["Dense_0"]["kernel"],
+                            trained["MlpBlock_0"]["Dense_0"]["kernel"])

@@ -147,6 +147,15 @@ def get_source(data_config: ml_collections.ConfigDict, *, config_key: str = "con
     raise ConfigError(f"{config_key}.name is not set (e.g. 'bvl_shapes', 'array_record' or a tfds name)")
   split = data_config.get("split", None)
   data_dir = data_config.get("data_dir", None)
+  if name == "tar":  # web-style image+caption shards (img2dataset); see sources_tar
+    from big_vision_lite.data.sources_tar import TarSource
+    files = data_config.get("files", None)
+    if files is None:
+      raise ConfigError(f"{config_key}.files must be set when {config_key}.name is 'tar'")
+    paths = _expand_files(files, config_key)
+    n = len(TarSource(paths))
+    start, stop = _slice_bounds(split, n, config_key)
+    return TarSource(paths, start, stop)
   if name == "array_record":
     files = data_config.get("files", None)
     if files is None:

@@ -1,0 +1,116 @@
+"""Text tokenizers, all offline: sentencepiece models from a local file, and the word-level
+vocabulary of the built-in `bvl_shapes` captions shipped in data/assets/.
+
+`get_tokenizer("bvl_shapes")` or `get_tokenizer("/path/to/spm.model")`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Sequence
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+SHAPES_VOCAB = os.path.join(ASSETS, "bvl_shapes_vocab.txt")
+# Extra words so common prompt templates ("a photo of a {}") stay in-vocabulary.
+_TEMPLATE_WORDS = ("photo", "of", "picture", "image", "shape", "drawing", "this", "is", "an")
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+class Tokenizer:
+  """Interface: text <-> ids. `pad_id` fills short sequences; `eos_id` ends a text."""
+  vocab_size: int
+  pad_id: int
+  eos_id: int
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def decode(self, ids: Sequence[int]) -> str:
+    raise NotImplementedError
+
+
+class WordTokenizer(Tokenizer):
+  """Lower-cased words split on non-alphanumerics; ids are line numbers of a vocab file.
+
+  The file starts with <pad>, <eos>, <unk>; unknown words map to <unk>.
+  """
+
+  def __init__(self, vocab_file: str):
+    if not os.path.isfile(vocab_file):
+      raise FileNotFoundError(f"tokenizer vocab file {vocab_file!r} does not exist")
+    with open(vocab_file, encoding="utf-8") as f:
+      self.words = [w.strip() for w in f if w.strip()]
+    if self.words[:3] != ["<pad>", "<eos>", "<unk>"]:
+      raise ValueError(f"{vocab_file}: must start with the lines <pad>, <eos>, <unk>")
+    self.ids = {w: i for i, w in enumerate(self.words)}
+    self.vocab_size = len(self.words)
+    self.pad_id, self.eos_id, self.unk_id = 0, 1, 2
+
+  def encode(self, text: str) -> list[int]:
+    return [self.ids.get(w, self.unk_id) for w in _WORD.findall(text.lower())]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    out = []
+    for i in ids:
+      i = int(i)
+      if i == self.eos_id:
+        break
+      if i != self.pad_id:
+        out.append(self.words[i] if 0 <= i < self.vocab_size else "<unk>")
+    return " ".join(out)
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A sentencepiece model read from a local file (nothing is downloaded)."""
+
+  def __init__(self, model_file: str):
+    import sentencepiece as spm  # Lazy: only sentencepiece users need the package.
+    if not os.path.isfile(model_file):
+      raise FileNotFoundError(f"sentencepiece model {model_file!r} does not exist")
+    self.sp = spm.SentencePieceProcessor(model_file=model_file)
+    self.vocab_size = self.sp.get_piece_size()
+    self.eos_id = self.sp.eos_id()
+    # Models trained without a pad piece report -1; big_vision pads with 0 then.
+    self.pad_id = max(self.sp.pad_id(), 0)
+
+  def encode(self, text: str) -> list[int]:
+    return list(self.sp.encode(text))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = [int(i) for i in ids]
+    if self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    return self.sp.decode([i for i in ids if i != self.pad_id])
+
+
+def shapes_vocab_words() -> list[str]:
+  """The bvl_shapes vocabulary: specials, then every word of every caption part, sorted."""
+  from big_vision_lite.data import shapes
+  parts = (shapes.CLASS_NAMES + shapes.COLOR_NAMES + shapes.SIZE_NAMES + shapes.BACKGROUND_NAMES
+           + shapes.POSITION_NAMES + (shapes.caption_for("", "", "", "", ""),) + _TEMPLATE_WORDS)
+  words = sorted({w for p in parts for w in _WORD.findall(p.lower())})
+  return ["<pad>", "<eos>", "<unk>"] + words
+
+
+def write_shapes_vocab(path: str = SHAPES_VOCAB) -> None:
+  """Regenerates the shipped vocab file (run after changing the dataset's words)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(shapes_vocab_words()) + "\n")
+
+
+@functools.lru_cache(maxsize=16)
+def get_tokenizer(model: str) -> Tokenizer:
+  """"bvl_shapes" (the shipped word vocabulary), a path to a `.model` sentencepiece file,
+  or a path to a word-per-line `.txt` vocabulary."""
+  if model == "bvl_shapes":
+    return WordTokenizer(SHAPES_VOCAB)
+  path = os.path.expanduser(model)
+  if path.endswith(".txt"):
+    return WordTokenizer(path)
+  if path.endswith(".model") or os.path.isfile(path):
+    return SentencePieceTokenizer(path)
+  raise ValueError(f"unknown tokenizer {model!r}: use 'bvl_shapes', a local sentencepiece .model "
+                   "file or a word-per-line .txt vocabulary (nothing is downloaded)")

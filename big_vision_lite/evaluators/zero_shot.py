@@ -1,0 +1,81 @@
+"""Zero-shot classification: class names through prompt templates -> text embeddings -> nearest class."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from big_vision_lite import sharding
+from big_vision_lite.config import ConfigError
+from big_vision_lite.data import ops as pp_ops, pipeline
+from big_vision_lite.evaluators import EVALUATORS, Evaluator
+from big_vision_lite.evaluators.retrieval import collect
+
+DEFAULT_TEMPLATES = ("a {}", "a {} on a background", "a photo of a {}")
+
+
+def _builtin_class_names(data_config) -> tuple[str, ...] | None:
+  if str(data_config.get("name", "")).split("/")[0] == "bvl_shapes":
+    from big_vision_lite.data import shapes
+    return shapes.CLASS_NAMES
+  return None
+
+
+@EVALUATORS.register("zero_shot")
+class ZeroShotEvaluator(Evaluator):
+  """Reports `<name>/accuracy`.
+
+  Keys: data, pp (gives the image and the int label `label_key`), pp_txt (turns
+  {"texts": prompt} into the task's text tokens, e.g. "tokenize(16, key='texts')"),
+  class_names (default: bvl_shapes' names for that dataset), templates (with "{}").
+  Each class embedding is the renormalised mean over its templates' embeddings.
+  """
+
+  allowed_keys = Evaluator.allowed_keys + ("pp_txt", "class_names", "templates", "label_key")
+
+  def __init__(self, name, config, **kwargs):
+    super().__init__(name, config, **kwargs)
+    for key in ("data", "pp", "pp_txt"):
+      if key not in config:
+        raise ConfigError(f"config.evals.{name}.{key}: missing")
+    names = config.get("class_names", None) or _builtin_class_names(config.data)
+    if not names:
+      raise ConfigError(f"config.evals.{name}.class_names: missing (only bvl_shapes has defaults)")
+    self.class_names = tuple(names)
+    self.templates = tuple(config.get("templates", None) or DEFAULT_TEMPLATES)
+    bad = [t for t in self.templates if "{}" not in t]
+    if bad:
+      raise ConfigError(f"config.evals.{name}.templates: {bad[0]!r} has no '{{}}' for the class name")
+    self.label_key = config.get("label_key", "label")
+    self.pp_txt = pp_ops.get_preprocess_fn(config.pp_txt)
+    self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
+                                            config_key=f"config.evals.{name}")
+    fns = self.task.predict_fns()
+    repl = sharding.replicated(self.mesh)
+    self._img = jax.jit(fns["embed_image"], out_shardings=repl)
+    self._txt = jax.jit(fns["embed_text"], out_shardings=repl)
+
+  def class_embeddings(self, params) -> np.ndarray:
+    """(num_classes, D) L2-normalised mean prompt embeddings."""
+    key = self.task.text_key
+    prompts = [t.format(c) for c in self.class_names for t in self.templates]
+    tokens = np.stack([self.pp_txt({"texts": p}, None)[key] for p in prompts])
+    n, bs = len(tokens), self.batch_size
+    padded = np.zeros((-(-n // bs) * bs,) + tokens.shape[1:], tokens.dtype)
+    padded[:n] = tokens
+    z = np.concatenate([
+        np.asarray(jax.device_get(self._txt(params, sharding.global_batch({key: padded[i:i + bs]},
+                                                                         self.mesh))))
+        for i in range(0, len(padded), bs)])[:n]
+    z = z.reshape(len(self.class_names), len(self.templates), -1).mean(axis=1)
+    return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+  def run(self, params):
+    classes = self.class_embeddings(params)
+    zimg, kept = collect(self._img, params, self.data, self.mesh, keep=(self.label_key,))
+    labels = kept[self.label_key]
+    if labels.ndim == 2:  # one-hot labels
+      labels = labels.argmax(axis=-1)
+    pred = np.argmax(zimg.astype(np.float32) @ classes.T, axis=1)
+    return {f"{self.name}/accuracy": float(np.mean(pred == labels)),
+            f"{self.name}/examples": len(zimg)}
