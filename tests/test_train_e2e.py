@@ -23,7 +23,7 @@ TINY = "configs/vit_shapes.py:res=16,width=32,depth=2,heads=2,patch=8,batch=16,s
 COMMON = [
     "--config.evals.val.data.split=validation[:64]", "--config.evals.val.batch_size=32",
     "--config.evals.val.log_steps=0", "--config.log_training_steps=1", "--config.progress=False",
-    "--config.schedule.warmup_steps=2", "--config.ckpt_steps=3",
+    "--config.schedule.warmup_steps=2", "--config.ckpt_steps=3", "--config.input.num_workers=0",
 ]
 
 
@@ -91,7 +91,8 @@ def test_short_run_learns(tmp_path):
                                                "depth=2,heads=4,batch=64,steps=150"))
   config = config_lib.apply_overrides(config, [
       "--config.evals.val.data.split=validation[:512]", "--config.evals.val.log_steps=0",
-      "--config.progress=False", "--config.ckpt_steps=0", "--config.log_training_steps=25"])
+      "--config.progress=False", "--config.ckpt_steps=0", "--config.log_training_steps=25",
+      "--config.input.num_workers=0"])
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["val/examples"] == 512
   assert result["val/prec@1"] > 0.35, result  # chance is 0.125
@@ -180,7 +181,7 @@ def test_model_init_loads_and_resamples_posemb(tmp_path, capsys):
     return config_lib.apply_overrides(c, [
         "--config.model.posemb=learn", "--config.evals.val.data.split=validation[:32]",
         "--config.evals.val.batch_size=32", "--config.progress=False", "--config.schedule.warmup_steps=1",
-        *extra])
+        "--config.input.num_workers=0", *extra])
   train.train_and_evaluate(cfg(16, 3, ["--config.ckpt_steps=3"]), str(tmp_path / "a"))
   source = pretrained.read_params(str(tmp_path / "a" / "checkpoints"))
   assert source["pos_embedding"].shape == (1, 4, 32)
