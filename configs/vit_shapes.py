@@ -40,7 +40,7 @@ def get_config(arg=None):
   c.grad_clip_norm = 1.0
 
   c.evals = dict(val=dict(type="classification", data=dict(name="bvl_shapes", split="validation"),
-                          pp=f"decode|resize({args.res})" + pp_common, log_steps=300, batch_size=250))
+                          pp=f"decode|resize({args.res})" + pp_common, log_steps=300, batch_size=256))
   c.log_training_steps = 50
   c.ckpt_steps = 300
   return c

@@ -35,7 +35,7 @@ def run_cli(workdir, *extra, fault=None, devices=2):
     env["BVL_FAULT"] = fault
   cmd = [sys.executable, "-m", "big_vision_lite.train", "--config", TINY, "--workdir", str(workdir),
          *COMMON, *extra]
-  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def final_params(workdir):
@@ -86,16 +86,22 @@ def test_cli_missing_imagenet_data_dir(capsys):
 
 
 def test_short_run_learns(tmp_path):
-  """A 150-step run on 8 devices beats chance (1/8) by a wide margin; metrics and plot are written."""
+  """120 steps on 8 devices learn the dataset's colour label (chance 1/8); metrics and plot are written.
+
+  Colour is the attribute a few steps can learn; the slow test below checks the
+  README command reaches >= 0.90 on the shape label.
+  """
+  pp = "decode|resize(32)|value_range(-1, 1)|onehot(8, key='color', key_result='labels')|keep('image', 'labels')"
   config = config_lib.load_config(os.path.join(ROOT, "configs/vit_shapes.py:res=32,patch=8,width=64,"
-                                               "depth=2,heads=4,batch=64,steps=150"))
+                                               "depth=2,heads=4,batch=64,steps=120"))
   config = config_lib.apply_overrides(config, [
-      "--config.evals.val.data.split=validation[:512]", "--config.evals.val.log_steps=0",
-      "--config.progress=False", "--config.ckpt_steps=0", "--config.log_training_steps=25",
-      "--config.input.num_workers=0"])
+      "--config.evals.val.data.split=validation[:500]", "--config.evals.val.log_steps=0",
+      "--config.progress=False", "--config.ckpt_steps=0", "--config.log_training_steps=20",
+      "--config.input.num_workers=0", "--config.schedule.warmup_steps=20",
+      f"--config.input.pp={pp}", f"--config.evals.val.pp={pp}"])
   result = train.train_and_evaluate(config, str(tmp_path))
-  assert result["val/examples"] == 512
-  assert result["val/prec@1"] > 0.35, result  # chance is 0.125
+  assert result["val/examples"] == 500  # 2 batches of 256, the last one padded
+  assert result["val/prec@1"] > 0.9, result
   rows = metric_steps(tmp_path)
   losses = [r["loss"] for r in rows if "loss" in r]
   assert losses[-1] < losses[0] - 0.3, losses

@@ -3,7 +3,12 @@ a padded, masked, exactly-once eval iterable, both sharded per JAX process."""
 
 from __future__ import annotations
 
+import ctypes
 import math
+import multiprocessing
+import os
+import signal
+import sys
 from typing import Any, Callable, Iterator
 
 import grain
@@ -54,12 +59,36 @@ def _apply(fn: PreprocessFn, index: int, example: dict, rng: np.random.Generator
     raise ValueError(f"preprocessing record {index} of {where} failed: {type(e).__name__}: {e}") from e
 
 
+def _die_with_parent() -> None:
+  """In a grain worker: have the kernel SIGKILL this process when the trainer dies.
+
+  Without it a SIGKILLed trainer (OOM killer, preemption) leaves its input
+  workers running, holding memory and the trainer's stdout/stderr pipes, which
+  also hangs whatever waits for those pipes to close. Linux only.
+  """
+  if not sys.platform.startswith("linux"):
+    return
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    return
+  if os.getppid() == 1:  # the parent died before prctl took effect
+    os._exit(1)  # pylint: disable=protected-access
+
+
 class Preprocess(grain.transforms.RandomMap):
   """Runs a preprocess fn (from an op string) on an (index, example) pair."""
 
   def __init__(self, fn: PreprocessFn, where: str):
     self.fn = fn
     self.where = where
+
+  def __setstate__(self, state: dict) -> None:
+    # Unpickling happens in grain's worker processes (and in nothing else we run).
+    self.__dict__.update(state)
+    if multiprocessing.parent_process() is not None:
+      _die_with_parent()
 
   def random_map(self, element: tuple[int, dict], rng: np.random.Generator) -> dict:
     index, example = element
