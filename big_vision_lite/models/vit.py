@@ -89,11 +89,11 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, image: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
     if self.pool_type not in POOL_TYPES:
-      raise ValueError(f"unknown ViT pool_type {self.pool_type!r} (valid: {', '.join(POOL_TYPES)})")
+      raise ValueError(f"unknown {type(self).__name__} pool_type {self.pool_type!r} (valid: {', '.join(POOL_TYPES)})")
     if self.posemb not in POSEMB_TYPES:
-      raise ValueError(f"unknown ViT posemb {self.posemb!r} (valid: {', '.join(POSEMB_TYPES)})")
+      raise ValueError(f"unknown {type(self).__name__} posemb {self.posemb!r} (valid: {', '.join(POSEMB_TYPES)})")
     if image.ndim != 4:
-      raise ValueError(f"ViT expects images shaped (B, H, W, C), got shape {image.shape}")
+      raise ValueError(f"{type(self).__name__} expects images shaped (B, H, W, C), got shape {image.shape}")
     out = {}
     dtype_mm = jnp.dtype(self.dtype_mm)
     patch = _pair(self.patch_size)
@@ -120,10 +120,8 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]).astype(x.dtype), x], axis=1)
 
     x = nn.Dropout(rate=self.dropout)(x, not train)
-    x, out["encoder"] = Encoder(
-        depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-        scan=self.scan, remat_policy=self.remat_policy, dtype_mm=dtype_mm,
-        norm_eps=self.norm_eps, name="Transformer")(x, deterministic=not train)
+    x, extra = self.encode(x, train=train, dtype_mm=dtype_mm)
+    out.update(extra)
     encoded = out["encoded"] = x
 
     if self.pool_type == "map":
@@ -155,6 +153,15 @@ class ViT(nn.Module):
       out["logits_2d"] = head(x_2d)
       x = out["logits"] = head(x)
     return x, out
+
+
+  def encode(self, x: jax.Array, *, train: bool, dtype_mm: Any) -> tuple[jax.Array, dict]:
+    """The transformer encoder ("Transformer"); subclasses (V-MoE) swap in their own."""
+    x, encoder_out = Encoder(
+        depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+        scan=self.scan, remat_policy=self.remat_policy, dtype_mm=dtype_mm,
+        norm_eps=self.norm_eps, name="Transformer")(x, deterministic=not train)
+    return x, {"encoder": encoder_out}
 
 
 @MODELS.register("vit")

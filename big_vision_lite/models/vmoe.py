@@ -12,14 +12,12 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from big_vision_lite.models import MODELS
 from big_vision_lite.models.common import (
-    ACT_EMBED, Encoder1DBlock, MAPHead, MultiHeadDotProductAttention, layer_norm, part,
-    posemb_sincos_2d, remat_policy)
+    ACT_EMBED, Encoder1DBlock, MultiHeadDotProductAttention, layer_norm, remat_policy)
 from big_vision_lite.models.moe import MoeMlpBlock
-from big_vision_lite.models.vit import POOL_TYPES, POSEMB_TYPES, _pair, decode_variant
+from big_vision_lite.models.vit import ViT, _pair, decode_variant
 
 __all__ = ["VMoE", "vmoe", "moe_block_indices", "MoeEncoder1DBlock"]
 
@@ -125,77 +123,24 @@ def _summarise(per_layer: dict[int, dict[str, jax.Array]]) -> tuple[jax.Array, d
   return aux, metrics
 
 
-class VMoE(nn.Module):
-  """ViT with MoE MLPs in `moe_layers`; out dict adds "aux_loss" and "moe_metrics"."""
-  num_classes: int | None = None
-  patch_size: tuple[int, int] = (16, 16)
-  width: int = 768
-  depth: int = 12
-  mlp_dim: int | None = None
-  num_heads: int = 12
-  posemb: str = "learn"
-  rep_size: int | bool = False  # Pre-logits dense + tanh; True means `width`.
-  dropout: float = 0.0
-  pool_type: str = "gap"
-  head_zeroinit: bool = True
-  remat_policy: str = "none"
-  dtype_mm: str = "float32"
-  norm_eps: float = 1e-6
-  moe_layers: tuple[int, ...] = ()
-  moe: Any = None  # dict of MoeMlpBlock fields (see MOE_FIELDS)
+class VMoE(ViT):
+  """ViT with MoE MLPs in `moe_layers`; out dict adds "aux_loss" and "moe_metrics".
 
-  @nn.compact
-  def __call__(self, image: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
-    if self.pool_type not in POOL_TYPES:
-      raise ValueError(f"unknown vmoe pool_type {self.pool_type!r} (valid: {', '.join(POOL_TYPES)})")
-    if self.posemb not in POSEMB_TYPES:
-      raise ValueError(f"unknown vmoe posemb {self.posemb!r} (valid: {', '.join(POSEMB_TYPES)})")
-    if image.ndim != 4:
-      raise ValueError(f"vmoe expects images shaped (B, H, W, C), got shape {image.shape}")
-    out = {}
-    dtype_mm = jnp.dtype(self.dtype_mm)
-    patch = _pair(self.patch_size)
-    x = nn.Conv(self.width, patch, strides=patch, padding="VALID", name="embedding", dtype=dtype_mm,
-                kernel_init=part(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                bias_init=part(nn.initializers.zeros, ("embed",)))(jnp.asarray(image, dtype_mm))
-    n, h, w, c = x.shape
-    x = jnp.reshape(x, [n, h * w, c])
-    if self.posemb == "learn":
-      pe = self.param("pos_embedding",
-                      part(nn.initializers.normal(stddev=1 / np.sqrt(c)), (None, None, "embed")),
-                      (1, h * w, c), jnp.float32)
-    else:
-      pe = posemb_sincos_2d(h, w, c)
-    x = x + pe
-    if self.pool_type == "tok":
-      cls = self.param("cls", part(nn.initializers.zeros, (None, None, "embed")), (1, 1, c), jnp.float32)
-      x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]).astype(x.dtype), x], axis=1)
-    x = nn.Dropout(rate=self.dropout)(x, not train)
+  Everything but the encoder (stem, posemb, pooling, head, parameter names) is
+  the ViT's own.
+  """
+  moe_layers: tuple[int, ...] = ()
+  moe: Any = None  # MoeMlpBlock fields as (name, value) pairs (see MOE_FIELDS)
+
+  def encode(self, x: jax.Array, *, train: bool, dtype_mm: Any) -> tuple[jax.Array, dict]:
+    if self.scan:
+      raise ValueError("vmoe does not support scan=True (its blocks are not all alike)")
     x, per_layer = MoeEncoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
         remat_policy=self.remat_policy, dtype_mm=dtype_mm, norm_eps=self.norm_eps,
         moe_layers=tuple(self.moe_layers), moe=self.moe, name="Transformer")(x, not train)
-    out["aux_loss"], out["moe_metrics"] = _summarise(per_layer)
-    out["encoded"] = x
-    if self.pool_type == "map":
-      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype_mm=dtype_mm,
-                  norm_eps=self.norm_eps)(x)
-    elif self.pool_type == "gap":
-      x = jnp.mean(x, axis=1)
-    elif self.pool_type == "tok":
-      x = x[:, 0]
-    if self.rep_size:
-      rep_size = self.width if self.rep_size is True else self.rep_size
-      x = nn.tanh(nn.Dense(rep_size, name="pre_logits",
-                           kernel_init=part(nn.initializers.lecun_normal(), ("embed", None)),
-                           bias_init=part(nn.initializers.zeros, (None,)))(x))
-    out["pre_logits"] = x
-    if self.num_classes:
-      kinit = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-      x = out["logits"] = nn.Dense(self.num_classes, name="head",
-                                   kernel_init=part(kinit, ("embed", "classes")),
-                                   bias_init=part(nn.initializers.zeros, ("classes",)))(x)
-    return x, out
+    aux_loss, moe_metrics = _summarise(per_layer)
+    return x, {"aux_loss": aux_loss, "moe_metrics": moe_metrics}
 
 
 @MODELS.register("vmoe")
