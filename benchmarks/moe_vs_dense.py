@@ -21,7 +21,7 @@ import numpy as np
 from big_vision_lite import config as config_lib, flops, sharding, train
 
 
-def _config(model_name: str, res: int, batch: int) -> config_lib.ConfigDict:
+def _config(model_name: str, res: int, batch: int, group_images: int = 1) -> config_lib.ConfigDict:
   c = config_lib.defaults()
   c.input.batch_size = batch
   c.total_steps = 100
@@ -29,7 +29,7 @@ def _config(model_name: str, res: int, batch: int) -> config_lib.ConfigDict:
   c.model = config_lib.ConfigDict(dict(variant="S/16", num_classes=1000, pool_type="gap"))
   if model_name == "vmoe":
     c.model.update(num_experts=8, num_selected_experts=2, moe_every=2, capacity_factor=1.05,
-                   group_size=res * res // 256 * batch)
+                   group_size=res * res // 256 * group_images)
   c.task = config_lib.ConfigDict(dict(name="classification", loss="softmax_xent"))
   c.optax_name = "adamw"
   c.schedule = config_lib.ConfigDict(dict(warmup_steps=10, decay_type="cosine"))
@@ -37,8 +37,8 @@ def _config(model_name: str, res: int, batch: int) -> config_lib.ConfigDict:
   return c
 
 
-def _prepare(model_name: str, res: int, batch: int):
-  c = _config(model_name, res, batch)
+def _prepare(model_name: str, res: int, batch: int, group_images: int):
+  c = _config(model_name, res, batch, group_images)
   example = {"image": np.zeros((1, res, res, 3), np.float32), "labels": np.zeros((1, 1000), np.float32)}
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
   setup = train.build(c, mesh=mesh, example=example)
@@ -67,8 +67,10 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--res", type=int, default=224)
+  ap.add_argument("--group-images", type=int, default=1,
+                  help="images per routing group (V-MoE groups whole images; capacity is per group)")
   args = ap.parse_args()
-  runs = {name: _prepare(name, args.res, args.batch) for name in ("vit", "vmoe")}
+  runs = {name: _prepare(name, args.res, args.batch, args.group_images) for name in ("vit", "vmoe")}
   for p in runs.values():  # warm-up
     _time_one(p)
   times = {name: [] for name in runs}
@@ -76,7 +78,8 @@ def main() -> None:
     for name, p in runs.items():
       times[name].append(_time_one(p))
   med = {name: statistics.median(t) for name, t in times.items()}
-  print(f"{jax.devices()[0].platform} x1, batch {args.batch}, res {args.res}, {args.steps} timed steps each")
+  print(f"{jax.devices()[0].platform} x1, batch {args.batch}, res {args.res}, "
+        f"{args.group_images} image(s) per routing group, {args.steps} timed steps each")
   for name, label in (("vit", "dense ViT-S/16"), ("vmoe", "MoE-ViT-S/16 E=8 k=2 every 2nd")):
     p = runs[name]
     xla = p["xla_flops"] / args.batch if p["xla_flops"] else float("nan")
