@@ -147,3 +147,4 @@ def image_op(name: str, key: str, fn: Callable[[np.ndarray, np.random.Generator 
 # Imported last so their @OPS.register calls run whenever this module is imported.
 from big_vision_lite.data import ops_general, ops_image, randaug  # noqa: E402,F401
 from big_vision_lite.data import ops_text  # noqa: E402,F401
+from big_vision_lite.data import ops_shapes  # noqa: E402,F401
