@@ -56,7 +56,7 @@ def chunked_sigmoid_loss(zimg: Array, ztxt: Array, t: Array, b: Array, *, mesh=N
   mesh's data/fsdp/expert axes). Each device keeps its b = B/n images; the text
   blocks travel around the ring with ppermute, so a device only ever holds a
   (b, b) block of logits, never the global (B, B) matrix; the backward pass
-  (a custom VJP) sends the blocks around once more instead of storing them.
+  (a custom VJP) sends the blocks around again instead of storing them.
   `mesh` defaults to the abstract mesh of the surrounding `jax.set_mesh`; with
   no mesh, or a single batch device, this is the plain `sigmoid_loss`.
   """
@@ -84,24 +84,74 @@ def chunked_sigmoid_loss(zimg: Array, ztxt: Array, t: Array, b: Array, *, mesh=N
   return ring(zimg, ztxt, jnp.asarray(t, jnp.float32), jnp.asarray(b, jnp.float32))
 
 
-def _block_labels(rows: int, positive: bool) -> Array:
-  return 2.0 * jnp.eye(rows, dtype=jnp.float32) - 1.0 if positive else -jnp.ones((rows, rows))
+# Rows of a (b, b) block handled at once: the block's intermediates are (ROW_CHUNK, b),
+# so at b=512 the loss's temporaries are dominated by the (b, D) embedding buffers.
+ROW_CHUNK = 128
+
+
+def _row_chunks(rows: int) -> int:
+  chunk = min(rows, ROW_CHUNK)
+  while rows % chunk:
+    chunk -= 1
+  return chunk
+
+
+def _labels(first_row: Array, rows: int, cols: int, positive: bool) -> Array:
+  """+1 where row first_row+i is column i's pair (own block only), else -1."""
+  if not positive:
+    return -jnp.ones((rows, cols), jnp.float32)
+  r = first_row + jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+  return jnp.where(r == jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1), 1.0, -1.0)
+
+
+def _chunk_g(zi_r, zt, t, b, ct, first_row, positive):
+  """d(ct * sum log sigmoid(label * logit))/d logit for some rows; and their similarities."""
+  sim = zi_r @ zt.T
+  labels = _labels(first_row, zi_r.shape[0], zt.shape[0], positive)
+  # d/dx log sigmoid(l x) = l * sigmoid(-l x)
+  return ct * labels * jax.nn.sigmoid(-labels * (jnp.exp(t) * sim + b)), sim
+
+
+def _over_rows(fn, zi: Array, init):
+  """Scans fn(carry, zi_rows, first_row) -> carry over the row chunks of zi."""
+  rows, dim = zi.shape
+  chunk = _row_chunks(rows)
+  starts = jnp.arange(0, rows, chunk, dtype=jnp.int32)
+  body = lambda carry, x: (fn(carry, x[0], x[1]), None)
+  return jax.lax.scan(body, init, (zi.reshape(rows // chunk, chunk, dim), starts))[0]
 
 
 def _block_sum(zi: Array, zt: Array, t: Array, b: Array, positive: bool) -> Array:
   """sum_ij log sigmoid(label_ij * logit_ij) over one (b, b) block."""
-  logits = jnp.exp(t) * (zi @ zt.T) + b
-  return jnp.sum(jax.nn.log_sigmoid(_block_labels(zi.shape[0], positive) * logits))
+  def rows(acc, zi_r, first_row):
+    logits = jnp.exp(t) * (zi_r @ zt.T) + b
+    labels = _labels(first_row, zi_r.shape[0], zt.shape[0], positive)
+    return acc + jnp.sum(jax.nn.log_sigmoid(labels * logits))
+  return _over_rows(rows, zi, jnp.zeros((), jnp.float32))
 
 
-def _block_grads(zi, zt, t, b, ct, positive):
-  """Gradients of ct * _block_sum w.r.t. (zi, zt, t, b), written out by hand."""
-  sim = zi @ zt.T
-  labels = _block_labels(zi.shape[0], positive)
-  # d/dx log sigmoid(l x) = l * sigmoid(-l x)
-  g = ct * labels * jax.nn.sigmoid(-labels * (jnp.exp(t) * sim + b))
+def _grads_images(zi, zt, t, b, ct, positive, acc):
+  """acc + d/d(zi, t, b) of ct * _block_sum; acc = (dzi, dt, db)."""
+  chunk = _row_chunks(zi.shape[0])
   scale = jnp.exp(t)
-  return scale * (g @ zt), scale * (g.T @ zi), scale * jnp.sum(g * sim), jnp.sum(g)
+
+  def rows(carry, zi_r, first_row):
+    dzi, dt, db = carry
+    g, sim = _chunk_g(zi_r, zt, t, b, ct, first_row, positive)
+    upd = jax.lax.dynamic_slice_in_dim(dzi, first_row, chunk) + scale * (g @ zt)
+    return (jax.lax.dynamic_update_slice_in_dim(dzi, upd, first_row, 0),
+            dt + scale * jnp.sum(g * sim), db + jnp.sum(g))
+  return _over_rows(rows, zi, acc)
+
+
+def _grads_texts(zi, zt, t, b, ct, positive, dzt):
+  """dzt + d/dzt of ct * _block_sum."""
+  scale = jnp.exp(t)
+
+  def rows(dzt, zi_r, first_row):
+    g, _ = _chunk_g(zi_r, zt, t, b, ct, first_row, positive)
+    return dzt + scale * (g.T @ zi_r)
+  return _over_rows(rows, zi, dzt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -110,8 +160,7 @@ def _ring_sum(zi: Array, zt: Array, t: Array, b: Array, axes, perm) -> Array:
 
   A custom VJP because autodiff of the ring would keep every block that passed
   by for the backward pass (n-1 text blocks, ~O(B*D) per device); instead the
-  backward pass sends the blocks around the ring once more, each together with
-  the gradient accumulated for it, and a last hop returns that gradient home.
+  backward pass sends the blocks around the ring again (see _ring_sum_bwd).
   """
   total = _block_sum(zi, zt, t, b, True)  # own block: the positives sit on its diagonal
 
@@ -129,18 +178,31 @@ def _ring_sum_fwd(zi, zt, t, b, axes, perm):
 
 
 def _ring_sum_bwd(axes, perm, res, ct):
+  # Two ring passes, each carrying one block and one accumulator that stays home:
+  # 1) the text blocks travel and each device sums d/dzi over them (plus dt, db);
+  # 2) the image blocks travel (with their device's cotangent) and each device
+  #    sums d/dzt for its own texts. Carrying a text block together with its
+  #    travelling gradient would do it in one pass, but holds more buffers.
   zi, zt, t, b = res
-  dzi, dzt, dt, db = _block_grads(zi, zt, t, b, ct, True)
+  steps = len(perm) - 1
+  zero = jnp.zeros((), jnp.float32)
+  first = _grads_images(zi, zt, t, b, ct, True, (jnp.zeros_like(zi), zero, zero))
 
-  def step(carry, _):
-    zt_k, dzt_k, dzi, dt, db = carry
-    zt_k, dzt_k = jax.lax.ppermute((zt_k, dzt_k), axes, perm)
-    gi, gt, gtt, gb = _block_grads(zi, zt_k, t, b, ct, False)
-    return (zt_k, dzt_k + gt, dzi + gi, dt + gtt, db + gb), None
+  def text_step(carry, _):
+    zt_k, acc = carry
+    zt_k = jax.lax.ppermute(zt_k, axes, perm)
+    return (zt_k, _grads_images(zi, zt_k, t, b, ct, False, acc)), None
 
-  (_, dzt, dzi, dt, db), _ = jax.lax.scan(step, (zt, dzt, dzi, dt, db), None,
-                                          length=len(perm) - 1)
-  dzt = jax.lax.ppermute(dzt, axes, perm)  # the block visited every device: one hop home
+  (_, (dzi, dt, db)), _ = jax.lax.scan(text_step, (zt, first), None, length=steps)
+
+  first = _grads_texts(zi, zt, t, b, ct, True, jnp.zeros_like(zt))
+
+  def image_step(carry, _):
+    zi_k, ct_k, dzt = carry
+    zi_k, ct_k = jax.lax.ppermute((zi_k, ct_k), axes, perm)
+    return (zi_k, ct_k, _grads_texts(zi_k, zt, t, b, ct_k, False, dzt)), None
+
+  (_, _, dzt), _ = jax.lax.scan(image_step, (zi, ct, first), None, length=steps)
   # t and b are replicated inputs: shard_map's transpose sums these per-device shares.
   return dzi, dzt, dt, db
 
