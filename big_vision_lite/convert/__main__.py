@@ -1,7 +1,11 @@
 """CLI: export a run to a PyTorch library, or import a big_vision/timm checkpoint as model_init.
 
   python -m big_vision_lite.convert --workdir runs/vit [--step N] --to timm --out out/vit
+  python -m big_vision_lite.convert --workdir runs/siglip --to timm --tower img --out out/siglip_img
+  python -m big_vision_lite.convert --workdir runs/siglip --to transformers --out out/siglip_hf
+  python -m big_vision_lite.convert --workdir runs/siglip --to open_clip --out out/siglip_oc
   python -m big_vision_lite.convert --from bigvision --in vit.npz --out init.npz [--scan]
+  python -m big_vision_lite.convert --from bigvision --in ckpt/checkpoint.bv --out init.npz  (tensorstore)
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
   p.add_argument("--to", choices=pipeline.TARGETS, help="export target")
   p.add_argument("--from", dest="from_", choices=("bigvision", "timm"), help="import source kind")
-  p.add_argument("--in", dest="src", help="import source: big_vision .npz or timm export folder")
+  p.add_argument("--in", dest="src", help="import source: big_vision .npz, big_vision tensorstore checkpoint (folder or its "
+                 "prefix with a -LAST file), or a timm export folder")
   p.add_argument("--out", required=True, help="export folder, or the .npz an import writes")
-  p.add_argument("--subtree", default=None, help="the ViT inside the params, e.g. img (default: root "
+  p.add_argument("--subtree", "--tower", dest="subtree", default=None, help="the ViT inside the params, e.g. img (default: root "
                  "for model vit, else img)")
   p.add_argument("--image_size", type=int, default=None,
                  help="input size (default: learned posemb grid, else the run's pp string)")

@@ -1,4 +1,5 @@
-"""Import of big_vision ViT checkpoints (.npz, scanned or unrolled layers) into our layout.
+"""Import of big_vision checkpoints (ViT or SigLIP two towers; .npz or tensorstore; scanned or
+unrolled layers) into our layout.
 
 Our parameter names are big_vision's, so the table is the identity on the keys
 our model has; what the import adds is legacy-name fixes, (un)scanning to the
@@ -107,3 +108,55 @@ def import_vit(flat: Mapping[str, np.ndarray], *, prefix: str = "", pool_type: s
 def save_npz(flat: Mapping[str, Any], path: str) -> None:
   with open(path, "wb") as f:
     np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """A big_vision .npz file or tensorstore checkpoint (step folder or prefix with -LAST) -> flat params."""
+  import os
+  from big_vision_lite.convert import tensorstore_ckpt
+  if os.path.isfile(path):
+    return read_npz(path)
+  if tensorstore_ckpt.is_checkpoint(path):
+    return tensorstore_ckpt.read(path)
+  raise ConversionError(f"{path}: neither a .npz file nor a big_vision tensorstore checkpoint")
+
+
+def is_two_towers(flat: Mapping[str, np.ndarray]) -> bool:
+  return any(k.startswith("img/") for k in flat) and any(k.startswith("txt/") for k in flat)
+
+
+def towers_shapes(spec) -> dict[str, tuple[int, ...]]:
+  """{key: shape} of our unrolled two-tower params for a towers.TowersSpec (abstract init)."""
+  import flax
+  import jax
+  from big_vision_lite.checkpoint import flatten_with_names
+  from big_vision_lite.convert import towers
+  model = towers.build_ours(spec)
+  x = jax.numpy.zeros((1, *spec.img.image_size, spec.img.in_chans))
+  t = jax.numpy.zeros((1, spec.txt.max_len), jax.numpy.int32)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t))
+  params = flax.linen.meta.unbox(abstract["params"])
+  return {k: tuple(v.shape) for k, v in flatten_with_names(params).items()}
+
+
+def import_two_towers(flat: Mapping[str, np.ndarray], *, scan: bool | None = None,
+                      image_pool_type: str | None = None, text_pool_type: str | None = None,
+                      what: str = "big_vision import") -> tuple[dict[str, np.ndarray], Any, list[str]]:
+  """big_vision SigLIP/LiT two-tower params (img/, txt/, t, b) -> (our flat fp32 params, TowersSpec, notes).
+
+  The text tower keeps big_vision's text_transformer names (ours are the same);
+  the image tower gets the ViT legacy-name fixes. Unknown keys raise ConversionError.
+  """
+  from big_vision_lite.convert import towers
+  src_scanned = tables.is_scanned(flat)
+  img, txt, rest = towers.split(tables.unscan(flat), what)
+  img, notes = fix_legacy_names(img)
+  unrolled = {**{f"img/{k}": v for k, v in img.items()}, **{f"txt/{k}": v for k, v in txt.items()}, **rest}
+  spec = towers.spec_from_params(unrolled, dict(image=dict(pool_type=image_pool_type) if image_pool_type else {},
+                                                text=dict(pool_type=text_pool_type) if text_pool_type else {}),
+                                 what=what)
+  shapes = towers_shapes(spec)
+  out = tables.apply([tables.same(k, k) for k in shapes], unrolled, "to_ours", what=what, expect=shapes)
+  if scan if scan is not None else src_scanned:
+    out = tables.scan(out)
+  return out, spec, [f"img/{n}" for n in notes]

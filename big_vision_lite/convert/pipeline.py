@@ -9,11 +9,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from big_vision_lite.convert import bigvision, tables, timm_vit
+from big_vision_lite.convert import bigvision, tables, timm_vit, towers
 from big_vision_lite.convert import vit as cv
 from big_vision_lite.convert.tables import ConversionError
 
-TARGETS = ("timm",)
+TARGETS = ("timm", "transformers", "open_clip")
 ATOL = 1e-4  # What the transformers converters assert in fp32.
 
 
@@ -76,6 +76,9 @@ def export_run(workdir: str, out: str, *, to: str = "timm", step: int | None = N
   if to not in TARGETS:
     raise ConversionError(f"unknown target {to!r} (this build supports: {', '.join(TARGETS)})")
   config, flat = read_run(workdir, step)
+  if to in ("transformers", "open_clip"):
+    return export_towers(config, flat, out, to=to, image_size=image_size, verify=verify, atol=atol,
+                         log=log, what=workdir)
   prefix, kw, module = vit_subtree(config, flat, subtree)
   sub = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
   if not prefix and (others := sorted(set(flat) - set(sub))):
@@ -91,6 +94,41 @@ def export_run(workdir: str, out: str, *, to: str = "timm", step: int | None = N
   if verify:
     result["max_abs_diff"] = diff = verify_timm(sub, spec, out, module=module)
     log(f"verify: max |ours - timm| = {diff:.3g} (limit {atol:g})")
+    if not diff <= atol:
+      raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {atol:g}")
+  return result
+
+
+def export_towers(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], out: str, *, to: str,
+                  image_size: int | None = None, verify: bool = True, atol: float = ATOL, log=print,
+                  what: str = "run") -> dict[str, Any]:
+  """A two_towers run's params -> a transformers SiglipModel or open_clip folder (+ parity check)."""
+  from big_vision_lite.convert import hf_siglip, open_clip_siglip
+  name = config.get("model_name")
+  if name != "two_towers":
+    raise ConversionError(f"--to {to} exports two-tower (SigLIP) runs; model_name is {name!r} (use --to timm)")
+  model_cfg = dict(config.get("model") or {})
+  learned = "img/pos_embedding" in tables.unscan(flat)
+  spec = towers.spec_from_params(flat, model_cfg, what=what,
+                                 image_size=image_size or (None if learned else image_size_from_pp(config)))
+  tok = hf_siglip.tokenizer_from_config(config)
+  lib = hf_siglip if to == "transformers" else open_clip_siglip
+  _, notes = lib.export(flat, spec, out, tokenizer=tok)
+  load = ('transformers.SiglipModel.from_pretrained(OUT)' if to == "transformers"
+          else 'open_clip.create_model_and_transforms("local-dir:OUT")')
+  log(f"wrote {out} ({to}; load with {load}): image {spec.img.image_size} patch {spec.img.patch} "
+      f"width {spec.img.width}, text len {spec.txt.max_len} vocab {spec.txt.vocab_size}")
+  for n in notes:
+    log(f"note: {n}")
+  result: dict[str, Any] = dict(out=out, spec=spec)
+  if verify:
+    images, texts = towers.fixed_inputs(spec)
+    ours = towers.run_ours(flat, towers.build_ours(spec, model_cfg), images, texts)
+    diffs = towers.max_diff(ours, lib.run_torch(lib.load(out), images, texts), to)
+    result["diffs"] = diffs
+    result["max_abs_diff"] = diff = max(diffs.values())
+    log(f"verify: max |ours - {to}| = {diff:.3g} (limit {atol:g}; "
+        + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()) + ")")
     if not diff <= atol:
       raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {atol:g}")
   return result
@@ -112,7 +150,9 @@ def import_file(src: str, out: str, *, kind: str = "bigvision", scan: bool | Non
   """A big_vision .npz (or a timm export folder) -> `out` .npz loadable as config.model_init."""
   prefix = subtree.rstrip("/") + "/" if subtree else ""
   if kind == "bigvision":
-    flat = bigvision.read_npz(src)
+    flat = bigvision.read_checkpoint(src)
+    if not prefix and bigvision.is_two_towers(flat):
+      return _import_two_towers(flat, src, out, scan=scan, pool_type=pool_type, verify=verify, log=log)
     converted, spec, notes = bigvision.import_vit(flat, prefix=prefix, pool_type=pool_type, scan=scan,
                                                   what=src)
     source = {k[len(prefix):]: v for k, v in bigvision.fix_legacy_names(
@@ -141,6 +181,29 @@ def import_file(src: str, out: str, *, kind: str = "bigvision", scan: bool | Non
     ref = (timm_vit.run_torch(timm_vit.load(src), images) if kind == "timm"
            else cv.run_ours(source, spec, images))
     result["max_abs_diff"] = diff = float(np.max(np.abs(ours - ref)))
+    log(f"verify: max |imported - source| = {diff:.3g} (limit {ATOL:g})")
+    if not diff <= ATOL:
+      raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {ATOL:g}")
+  return result
+
+
+def _import_two_towers(flat: Mapping[str, np.ndarray], src: str, out: str, *, scan: bool | None,
+                       pool_type: str | None, verify: bool, log=print) -> dict[str, Any]:
+  converted, spec, notes = bigvision.import_two_towers(flat, scan=scan, text_pool_type=pool_type, what=src)
+  for n in notes:
+    log(f"renamed: {n}")
+  bigvision.save_npz(converted, out)
+  kw = spec.model_kwargs()
+  log(f"wrote {out}: {len(converted)} arrays, two towers ({'scanned' if tables.is_scanned(converted) else 'unrolled'}"
+      f" layers); config.model for it: {json.dumps(kw)}")
+  result: dict[str, Any] = dict(out=out, spec=spec, model_kwargs=kw)
+  if verify:
+    # Our model with the imported params (target layout) vs the source arrays in an unrolled model.
+    source, _, _ = bigvision.import_two_towers(flat, scan=False, text_pool_type=pool_type, what=src)
+    images, texts = towers.fixed_inputs(spec)
+    ours = towers.run_ours(converted, towers.build_ours(spec, scan=tables.is_scanned(converted)), images, texts)
+    ref = towers.run_ours(source, towers.build_ours(spec), images, texts)
+    result["max_abs_diff"] = diff = max(towers.max_diff(ours, ref, "source").values())
     log(f"verify: max |imported - source| = {diff:.3g} (limit {ATOL:g})")
     if not diff <= ATOL:
       raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {ATOL:g}")

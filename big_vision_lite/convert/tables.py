@@ -168,7 +168,8 @@ def apply(table: Table, src: Mapping[str, np.ndarray], direction: str, *, what: 
     for k, v in zip(dst_keys, vals):
       if k in out:
         raise ConversionError(f"{label}two rules write {k} (table bug)")
-      out[k] = np.ascontiguousarray(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype)
+      # np.array, not ascontiguousarray: that one turns 0-d scalars (open_clip logit_scale) into 1-d.
+      out[k] = np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype, order="C")
   unused = set(src) - used
   problems = []
   if missing:
