@@ -241,7 +241,34 @@ class Checkpointer:
     args = {STATE_ITEM: ocp.args.StandardSave(state)}
     if data_iter is not None:
       args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
-    return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=force))
+    try:
+      # Also re-raises the error of a previous async save that failed in the background.
+      return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=force))
+    except Exception as e:  # noqa: BLE001 - disk full, permissions, tensorstore errors.
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int | None, e: BaseException) -> CheckpointError:
+    complete, _ = scan_steps(self.directory)
+    previous = f"step {complete[-1]} in {self.step_path(complete[-1])}" if complete else "none"
+    what = "a checkpoint" if step is None else f"checkpoint step {step}"
+    return CheckpointError(f"saving {what} in {self.directory} failed: {short_error(e)}; "
+                           f"newest complete checkpoint (left intact): {previous}")
+
+  def set_aside(self, step: int, why: str, tag: str = "unusable") -> epath.Path:
+    """Renames step folder `step` to `<step>.<tag>-<unix time>` (kept for inspection, never used).
+
+    For a checkpoint that looked complete but failed to restore: left in place it
+    would stay the "latest" step and block saving that step again.
+    """
+    src = self.step_path(step)
+    dst = self.directory / f"{step}.{tag}-{int(time.time())}"
+    if jax.process_index() == 0:
+      logging.warning("Checkpoint %s is not usable (%s): moved aside to %s.", src, why, dst)
+      src.rename(dst)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"big_vision_lite_set_aside_{step}")
+    self._manager.reload()
+    return dst
 
   # -- restore ---------------------------------------------------------------
 
@@ -285,10 +312,16 @@ class Checkpointer:
     return jax.process_count() == 1 and _SIGTERM.is_set()
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - the background write failed (disk full, ...).
+      raise self._save_error(None, e) from e
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(None, e) from e
 
   def __enter__(self) -> Checkpointer:
     return self

@@ -40,6 +40,10 @@ def defaults() -> ConfigDict:
   c.input.batch_size = 0
   c.input.num_workers = 0
   c.input.prefetch = 16
+  # An example whose record or preprocessing fails: 'skip' it (counted, logged) or stop ('error').
+  c.input.bad_examples = "skip"
+  # The run stops once more than this fraction of the examples read (at least 100 counted) was bad.
+  c.input.max_bad_fraction = 0.01
 
   c.model_name = "vit"
   c.model = ConfigDict()
@@ -58,6 +62,12 @@ def defaults() -> ConfigDict:
   c.schedule = ConfigDict(dict(warmup_steps=0, decay_type="cosine"))
   c.grad_clip_norm = 1.0
   c.grad_accum_steps = 1
+  # A non-finite loss or gradient: 'stop' (metrics written, last good checkpoint kept) or
+  # 'skip' the update (params and optimizer state untouched, counted in the metrics).
+  c.nan_policy = "stop"
+  # Skip an update whose loss exceeds mean + k*std of the last `window` accepted losses,
+  # once `min_steps` losses were accepted; window=0 turns it off.
+  c.spike_skip = ConfigDict(dict(window=0, k=6.0, min_steps=20))
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   c.sharding_rules = [
@@ -81,7 +91,19 @@ def defaults() -> ConfigDict:
   c.async_checkpoint = True
   c.mfu_peak_flops = 0.0  # per device; 0 = table value or measured CPU probe
   c.progress = True
+  # Resume a workdir whose config.json differs in more than the keys in RESUMABLE_CHANGES.
+  c.allow_config_change = False
   return c
+
+
+# Keys that may differ between a workdir's saved config.json and a run resuming it
+# (prefixes of dotted names): lengths, logging, evaluation, checkpoint cadence, layout.
+RESUMABLE_CHANGES = (
+    "total_steps", "total_epochs", "evals", "log_training_steps", "progress", "ckpt_steps",
+    "keep_ckpts", "keep_ckpt_steps", "async_checkpoint", "mfu_peak_flops", "mesh", "sharding_rules",
+    "input.prefetch", "input.bad_examples", "input.max_bad_fraction", "nan_policy", "spike_skip",
+    "allow_config_change",
+)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -270,7 +292,23 @@ def validate(config: ConfigDict, num_devices: int, process_count: int = 1) -> No
   check(config.input.num_workers >= 0, "input.num_workers", "must be >= 0")
   check(config.log_training_steps > 0, "log_training_steps", "must be positive")
   check(config.ckpt_steps >= 0, "ckpt_steps", "must be >= 0 (0 disables checkpoints)")
-  check(config.lr >= 0, "lr", "must be >= 0")
+  check(config.lr >= 0, "lr", f"must be >= 0, got {config.lr}")
+  check(config.total_steps >= 0, "total_steps", f"must be >= 0, got {config.total_steps}")
+  check(config.total_epochs >= 0, "total_epochs", f"must be >= 0, got {config.total_epochs}")
+  check(config.wd >= 0, "wd", f"must be >= 0, got {config.wd}")
+  check(config.grad_clip_norm is None or config.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0 (0 = off), got {config.grad_clip_norm}")
+  check(config.keep_ckpts >= 0, "keep_ckpts", f"must be >= 0 (0 = keep all), got {config.keep_ckpts}")
+  check(config.keep_ckpt_steps >= 0, "keep_ckpt_steps", f"must be >= 0, got {config.keep_ckpt_steps}")
+  check(config.input.prefetch >= 0, "input.prefetch", f"must be >= 0, got {config.input.prefetch}")
+  check(config.mfu_peak_flops >= 0, "mfu_peak_flops", f"must be >= 0, got {config.mfu_peak_flops}")
+  _check_choice(config.nan_policy, "nan_policy", ("stop", "skip"))
+  _check_choice(config.input.bad_examples, "input.bad_examples", ("skip", "error"))
+  check(0 <= config.input.max_bad_fraction <= 1, "input.max_bad_fraction",
+        f"must be in [0, 1], got {config.input.max_bad_fraction}")
+  spike = config.spike_skip
+  check(spike.window >= 0, "spike_skip.window", f"must be >= 0 (0 = off), got {spike.window}")
+  check(spike.k > 0, "spike_skip.k", f"must be > 0, got {spike.k}")
+  check(spike.min_steps >= 2, "spike_skip.min_steps", f"must be >= 2 (a std needs two losses), got {spike.min_steps}")
 
   from big_vision_lite import sharding  # local import: keep config importable without jax
   sizes = sharding.resolve_mesh_shape(config.mesh, num_devices)
@@ -292,6 +330,35 @@ def validate(config: ConfigDict, num_devices: int, process_count: int = 1) -> No
     bs = ev.get("batch_size", config.input.batch_size)
     check(bs % batch_devices == 0 and bs % process_count == 0, f"evals.{name}.batch_size",
           f"{bs} is not divisible by the {batch_devices} batch-parallel devices")
+
+
+def _check_choice(value: Any, key: str, allowed: tuple[str, ...]) -> None:
+  check(value in allowed, key, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+        f"{_suggest(str(value), allowed)}")
+
+
+def config_changes(saved: dict, current: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+  """'config.a.b: old -> new' for every leaf that differs, except keys under `allowed` prefixes.
+
+  Both are plain dicts as in a workdir's config.json (`ConfigDict.to_json_best_effort`).
+  """
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      name = f"{prefix}{k}"
+      if isinstance(v, dict) and v:
+        out.update(flat(v, name + "."))
+      else:
+        out[name] = v
+    return out
+  a, b = flat(saved), flat(current)
+  changes = []
+  for name in sorted(set(a) | set(b)):
+    if any(name == p or name.startswith(p + ".") for p in allowed):
+      continue
+    if a.get(name, "<unset>") != b.get(name, "<unset>"):
+      changes.append(f"config.{name}: {a.get(name, '<unset>')!r} -> {b.get(name, '<unset>')!r}")
+  return changes
 
 
 def _check_data(data: ConfigDict, key: str) -> None:

@@ -25,8 +25,9 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, flops, metrics, optim, pretrained, sharding
-from big_vision_lite import evaluators, models, tasks
+from big_vision_lite import distributed, evaluators, models, tasks
 from big_vision_lite.data import ops as pp_ops, pipeline, sources
+from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.registry import UnknownNameError
 
 log = logging.getLogger("big_vision_lite")
@@ -36,18 +37,31 @@ log = logging.getLogger("big_vision_lite")
 PREEMPTED_EXIT_CODE = 75
 
 
-def _inject_fault(step: int) -> None:
-  """Test hook: BVL_FAULT=kill@N or term@N sends SIGKILL/SIGTERM to this process after step N.
+_FAULT_KINDS = ("kill", "term", "nan", "spike")
 
-  Used by the resume tests to stop a run at an exact step, e.g. while an async
-  checkpoint write is still in flight; never set in normal runs.
+
+def _faults() -> list[tuple[str, int]]:
+  """Parses the test hook BVL_FAULT="kind@N[,kind@N...]" (kinds: kill, term, nan, spike)."""
+  out = []
+  for item in os.environ.get("BVL_FAULT", "").split(","):
+    if item.strip():
+      kind, _, at = item.strip().partition("@")
+      if kind not in _FAULT_KINDS or not at.isdigit():
+        raise ValueError(f"BVL_FAULT: cannot read {item!r}; expected kind@step with kind in {_FAULT_KINDS}")
+      out.append((kind, int(at)))
+  return out
+
+
+def _inject_fault(step: int) -> None:
+  """Test hook: kill@N / term@N send SIGKILL / SIGTERM to this process after step N.
+
+  Called right after step N's checkpoint save was issued, so a kill can land
+  while an async write is still in flight. (nan@N / spike@N are applied inside
+  the train step, see make_train_step.) Never set in normal runs.
   """
-  spec = os.environ.get("BVL_FAULT")
-  if not spec:
-    return
-  kind, _, at = spec.partition("@")
-  if int(at) == step:
-    os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM}[kind])
+  for kind, at in _faults():
+    if at == step and kind in ("kill", "term"):
+      os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM}[kind])
 
 
 class Preempted(Exception):
@@ -67,15 +81,45 @@ class Setup:
   state_shardings: Any
   abstract_state: Any
   example: dict
+  # Loss guard: {"window", "k", "min_steps"} of config.spike_skip (window 0 = no spike rule).
+  guard: dict = dataclasses.field(default_factory=lambda: dict(window=0, k=6.0, min_steps=20))
+
+
+def init_guard(window: int) -> dict:
+  """Loss-guard part of the train state: the last `window` accepted losses and skip counters.
+
+  It lives in the state (so in every checkpoint) so a resumed run judges spikes
+  on exactly the history an uninterrupted run would have.
+  """
+  return {"losses": jnp.zeros((max(1, window),), jnp.float32), "count": jnp.zeros((), jnp.int32),
+          "nonfinite": jnp.zeros((), jnp.int32), "spikes": jnp.zeros((), jnp.int32),
+          "first_nonfinite": jnp.zeros((), jnp.int32)}
 
 
 def example_batch(input_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """One preprocessed example with a leading batch dim of 1, to learn shapes and dtypes."""
+  """One preprocessed example with a leading batch dim of 1, to learn shapes and dtypes.
+
+  The first record that preprocesses is used (bad ones are skipped unless
+  config.input.bad_examples='error'); if the first 100 all fail, the pp spec is
+  the likely culprit and the error names record 0's problem.
+  """
   source = sources.get_source(input_config.data)
   if len(source) == 0:
     raise ValueError(f"config.input.data: dataset {input_config.data.name!r} split "
                      f"{input_config.data.split!r} is empty")
-  example = pp_ops.get_preprocess_fn(input_config.pp)(source[0], np.random.default_rng(0))
+  pp = pp_ops.get_preprocess_fn(input_config.pp)
+  first_error = None
+  for index in range(min(len(source), 100)):
+    try:
+      example = pp(source[index], np.random.default_rng(0))
+      break
+    except Exception as e:  # noqa: BLE001 - one record's problem, reported below.
+      first_error = first_error or f"record {index}: {type(e).__name__}: {e}"
+      if input_config.get("bad_examples", "error") == "error":
+        raise BadInputError(f"config.input.pp on {first_error}") from e
+  else:
+    raise BadInputError(f"config.input.pp fails on each of the first {min(len(source), 100)} records; "
+                        f"{first_error}")
   return {k: np.asarray(v)[None] for k, v in example.items()}
 
 
@@ -105,25 +149,33 @@ def build(config: ml_collections.ConfigDict, mesh=None, example: dict | None = N
     return variables["params"]
 
   rng = jax.random.PRNGKey(config.seed)
-  boxed = jax.eval_shape(init_params, rng)
+  try:
+    boxed = jax.eval_shape(init_params, rng)
+  except ValueError as e:
+    # Models check their options (pool_type, ...) when first called: a config problem.
+    raise config_lib.ConfigError(f"config.model ({config.model_name}): {e}") from e
   params_sh = sharding.param_shardings(boxed, mesh, rules)
   abstract_params = nn.unbox(boxed)
   tx, lr_fn = optim.make_optimizer(config, abstract_params, total_steps)
   repl = sharding.replicated(mesh)
+  guard = dict(config.get("spike_skip", None) or dict(window=0, k=6.0, min_steps=20))
+  guard["window"] = int(guard["window"])
   state_sh = {
       "params": params_sh,
       "opt_state": sharding.opt_state_shardings(tx, abstract_params, params_sh, mesh),
       "step": repl,
       "rng": repl,
+      "guard": jax.tree.map(lambda _: repl, init_guard(guard["window"])),
   }
 
   def init_state(rng):
     params = nn.unbox(init_params(rng))
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng,
+            "guard": init_guard(guard["window"])}
 
   abstract = jax.eval_shape(init_state, rng)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
-  setup = Setup(mesh, rules, model, task, tx, lr_fn, total_steps, state_sh, abstract, example)
+  setup = Setup(mesh, rules, model, task, tx, lr_fn, total_steps, state_sh, abstract, example, guard)
   setup.init_state = jax.jit(init_state, out_shardings=state_sh)  # type: ignore[attr-defined]
   return setup
 
@@ -132,6 +184,7 @@ def make_train_step(setup: Setup, grad_accum_steps: int):
   """The jitted step: grads (accumulated over micro-batches), optimizer update, scalar metrics."""
   task, tx, lr_fn = setup.task, setup.tx, setup.lr_fn
   grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+  poison = _poison_fn(_faults())
 
   def step_fn(state, batch):
     params, step = state["params"], state["step"]
@@ -160,11 +213,22 @@ def make_train_step(setup: Setup, grad_accum_steps: int):
       grads = jax.tree.map(lambda g: g * scale, grads)
       loss = loss * scale
       aux = jax.tree.map(lambda a: a * scale, aux)
+    if poison is not None:
+      factor = poison(step + 1)
+      loss = loss * factor
+      grads = jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+    grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = jax.tree.map(jnp.add, params, updates)
-    out_metrics = {"loss": loss, "grad_norm": optim.global_norm(grads), "lr": lr_fn(step),
-                   "param_norm": optim.global_norm(new_params), **aux}
-    new_state = {"params": new_params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}
+    ok, guard = _loss_guard(state["guard"], loss, grad_norm, step, **setup.guard)
+    # A dropped update leaves params and optimizer state bit-for-bit as they were.
+    new_params = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_params, params)
+    opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), opt_state, state["opt_state"])
+    out_metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(step),
+                   "param_norm": optim.global_norm(new_params), "skipped_nonfinite": guard["nonfinite"],
+                   "skipped_spikes": guard["spikes"], **aux}
+    new_state = {"params": new_params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"],
+                 "guard": guard}
     return new_state, out_metrics
 
   repl = sharding.replicated(setup.mesh)
@@ -173,12 +237,79 @@ def make_train_step(setup: Setup, grad_accum_steps: int):
                  out_shardings=(setup.state_shardings, repl), donate_argnums=(0,))
 
 
+def _poison_fn(faults: list[tuple[str, int]]):
+  """Test hook (BVL_FAULT nan@N / spike@N): step -> factor for loss and grads (NaN, 100 or 1)."""
+  nan_at = [at for kind, at in faults if kind == "nan"]
+  spike_at = [at for kind, at in faults if kind == "spike"]
+  if not nan_at and not spike_at:
+    return None
+
+  def factor(step):
+    f = jnp.where(jnp.isin(step, jnp.array(nan_at or [-1])), jnp.nan, 1.0)
+    return f * jnp.where(jnp.isin(step, jnp.array(spike_at or [-1])), 100.0, 1.0)
+  return factor
+
+
+def _loss_guard(guard: dict, loss, grad_norm, step, *, window: int, k: float, min_steps: int):
+  """(ok, new guard): ok is False for a non-finite loss/gradient or a loss spike.
+
+  Spike: loss > mean + k * std of the last `window` accepted losses (population
+  std), once at least `min_steps` losses were accepted; window=0 disables it.
+  Only accepted losses enter the history.
+  """
+  loss = loss.astype(jnp.float32)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  hist, count = guard["losses"], guard["count"]
+  if window > 0:
+    n = jnp.minimum(count, window)
+    valid = jnp.arange(window) < n
+    nf = jnp.maximum(n, 1).astype(jnp.float32)
+    mean = jnp.sum(jnp.where(valid, hist, 0.0)) / nf
+    std = jnp.sqrt(jnp.sum(jnp.where(valid, (hist - mean) ** 2, 0.0)) / nf)
+    spike = finite & (count >= min_steps) & (loss > mean + k * std)
+    slot = count % window
+    ok = finite & ~spike
+    hist = hist.at[slot].set(jnp.where(ok, loss, hist[slot]))
+  else:
+    spike = jnp.zeros((), bool)
+    ok = finite
+  first = guard["first_nonfinite"]
+  return ok, {
+      "losses": hist, "count": count + ok.astype(jnp.int32),
+      "nonfinite": guard["nonfinite"] + (~finite).astype(jnp.int32),
+      "spikes": guard["spikes"] + spike.astype(jnp.int32),
+      "first_nonfinite": jnp.where((first == 0) & ~finite, step + 1, first),
+  }
+
+
 def _restore_or_init(setup: Setup, config, ckpt: checkpoint.Checkpointer | None, train_iter):
-  """Resumes from the newest complete checkpoint, else initialises (and loads model_init)."""
-  latest = ckpt.latest_step() if ckpt else None
-  if latest is not None:
-    log.info("Resuming from %s step %d", ckpt.directory, latest)
-    return ckpt.restore(latest, setup.abstract_state, train_iter), latest
+  """Resumes from the newest usable checkpoint, else initialises (and loads model_init).
+
+  A checkpoint that fails to restore (truncated or garbled files, missing
+  arrays, another model's) is reported, moved aside and the previous one tried.
+  If checkpoints exist but none is usable this refuses to start from scratch.
+  """
+  if ckpt:
+    for step in reversed(ckpt.all_steps()):
+      try:
+        # Another process count wrote it: no iterator file for us; the data order is global, so seek.
+        same_layout = distributed.has_data_state(ckpt.step_path(step))
+        state = ckpt.restore(step, setup.abstract_state, train_iter if same_layout else None)
+        if not same_layout:
+          distributed.seek(train_iter, step)
+      except checkpoint.CheckpointError as e:
+        moved = ckpt.set_aside(step, str(e))
+        if jax.process_index() == 0:
+          print(f"warning: {e}; moved aside to {moved}, trying the previous checkpoint", file=sys.stderr,
+                flush=True)
+        continue
+      log.info("Resuming from %s step %d", ckpt.directory, step)
+      return state, step
+    unusable = sorted(p.name for p in ckpt.directory.iterdir() if ".unusable-" in p.name)
+    if unusable:
+      raise checkpoint.CheckpointError(
+          f"no usable checkpoint in {ckpt.directory} (set aside: {', '.join(unusable)}); refusing to "
+          f"train from scratch over it: remove them or pass --overwrite")
   state = setup.init_state(jax.random.PRNGKey(config.seed))
   if config.model_init:
     host_params = jax.device_get(state["params"])
@@ -197,19 +328,65 @@ def _restore_or_init(setup: Setup, config, ckpt: checkpoint.Checkpointer | None,
   return state, 0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, float]:
-  """Runs (or resumes) training; returns the last logged metrics and evaluation results."""
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> None:
+  """Writes config.json into `workdir`, refusing a config that differs from the run it holds.
+
+  Resuming is for the same run: only config_lib.RESUMABLE_CHANGES may differ
+  unless config.allow_config_change. `overwrite` moves the previous run's files
+  into `<workdir>/overwritten-<unix time>/` (nothing is deleted) and starts afresh.
+  """
+  path = os.path.join(workdir, "config.json")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  has_run = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
   is_main = jax.process_index() == 0
+  if overwrite:
+    old = [n for n in ("checkpoints", "metrics.jsonl", "tb", "config.json")
+           if os.path.exists(os.path.join(workdir, n))]
+    if old and is_main:
+      backup = os.path.join(workdir, f"overwritten-{int(time.time())}")
+      os.makedirs(backup)
+      for n in old:
+        os.rename(os.path.join(workdir, n), os.path.join(backup, n))
+      print(f"--overwrite: moved the previous run's {', '.join(old)} to {backup}", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("big_vision_lite_overwrite")
+  elif has_run and os.path.exists(path) and not config.allow_config_change:
+    with open(path) as f:
+      saved = json.load(f)
+    changes = config_lib.config_changes(saved, json.loads(config.to_json_best_effort()))
+    if changes:
+      raise config_lib.ConfigError(
+          f"workdir {workdir} holds checkpoints of a run with another config ({len(changes)} change(s): "
+          f"{'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''}); use the same config, "
+          f"--config.allow_config_change=True to resume anyway, or --overwrite to start over")
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def _guard_status(state) -> tuple[int, int, int]:
+  g = jax.device_get({k: state["guard"][k] for k in ("nonfinite", "spikes", "first_nonfinite")})
+  return int(g["nonfinite"]), int(g["spikes"]), int(g["first_nonfinite"])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
+                       overwrite: bool = False) -> dict[str, float]:
+  """Runs (or resumes) training; returns the last logged metrics and evaluation results.
+
+  `overwrite`: start afresh in a workdir holding another run (see check_workdir).
+  """
+  is_main = jax.process_index() == 0
+  if workdir:
+    check_workdir(config, workdir, overwrite=overwrite)
   setup = build(config)
   mesh, total_steps = setup.mesh, setup.total_steps
-  if workdir and is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   train_iter = pipeline.make_train_iterator(
       config.input.data, config.input.pp, global_batch_size=config.input.batch_size,
-      seed=config.seed, num_workers=config.input.num_workers, prefetch_buffer_size=config.input.prefetch)
+      seed=config.seed, num_workers=config.input.num_workers, prefetch_buffer_size=config.input.prefetch,
+      bad_examples=config.input.bad_examples, max_bad_fraction=config.input.max_bad_fraction)
   ckpt = None
   if workdir and config.ckpt_steps > 0:
     ckpt = checkpoint.Checkpointer(
@@ -221,6 +398,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
 
   evals = evaluators.get_evaluators(config, task=setup.task, mesh=mesh,
                                     default_batch_size=config.input.batch_size, total_steps=total_steps)
+  for ev in evals:
+    ev.workdir = workdir  # evaluators that write files (caption_samples) put them here
   writer = metrics.MetricWriter(workdir, enabled=is_main and bool(workdir))
   if start_step:
     writer.truncate_after(start_step)
@@ -241,6 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   progress = metrics.Progress(total_steps, initial_step=start_step, enabled=is_main and config.progress,
                               every=config.log_training_steps)
   last: dict[str, float] = {}
+  reported = _guard_status(state)[:2]
   if start_step >= total_steps and is_main:
     print(f"{workdir} already holds the final step {start_step} of {total_steps}; nothing to do",
           flush=True)
@@ -255,10 +435,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
           last.update(throughput.tick(step, config.input.batch_size))
           writer.write(step, last)
           progress.update(step, last)
-          if not math.isfinite(last["loss"]):
-            raise FloatingPointError(
-                f"loss is {last['loss']} at step {step}; stopping (metrics written; the last "
-                f"complete checkpoint is step {ckpt.latest_step() if ckpt else None})")
+        if (step % config.log_training_steps == 0 or step == total_steps
+            or ckpt and step % config.ckpt_steps == 0):
+          # Before any save: under nan_policy='stop' no checkpoint is written after a bad step.
+          reported = _check_guard(config, step, _guard_status(state), reported, ckpt, writer,
+                                  step_metrics, is_main)
         with throughput.pause():
           for ev in evals:
             if ev.should_run(step):
@@ -282,17 +463,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   return last
 
 
+def _check_guard(config, step: int, status: tuple[int, int, int], reported: tuple[int, int], ckpt,
+                 writer, step_metrics, is_main: bool) -> tuple[int, int]:
+  """Stops on a non-finite loss under nan_policy='stop'; logs new skipped updates otherwise."""
+  nonfinite, spikes, first = status
+  if nonfinite and config.nan_policy == "stop":
+    writer.write(step, {k: float(v) for k, v in jax.device_get(step_metrics).items()})
+    if ckpt:
+      ckpt.wait_until_finished()  # so "last complete checkpoint" counts a save still in flight
+    raise FloatingPointError(
+        f"loss or gradient not finite at step {first} (nan_policy='stop'); stopped at step {step}; "
+        f"metrics written; the last complete checkpoint is step {ckpt.latest_step() if ckpt else None} "
+        f"(set config.nan_policy='skip' to drop such updates)")
+  if (nonfinite, spikes) != tuple(reported):
+    msg = (f"step {step}: skipped {nonfinite + spikes} update(s) so far ({nonfinite} with a non-finite "
+           f"loss, {spikes} loss spike(s)); params and optimizer state left unchanged for them")
+    log.warning(msg)
+    if is_main:
+      print(f"warning: {msg}", file=sys.stderr, flush=True)
+  return nonfinite, spikes
+
+
 # ----------------------------------------------------------------------------- command line
 
 
 def maybe_initialize_distributed(args: argparse.Namespace) -> None:
   """Joins a multi-process job when flags or the environment (TPU pod, SLURM) ask for it."""
-  if args.coordinator_address:
-    jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
-                               process_id=args.process_id)
-  elif os.environ.get("BVL_DISTRIBUTED") == "1" or "SLURM_JOB_ID" in os.environ and int(
-      os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()  # auto-detects TPU pod / SLURM settings
+  distributed.maybe_initialize(args.coordinator_address, args.num_processes, args.process_id)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -301,6 +498,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
   parser.add_argument("--workdir", default="", help="checkpoints, metrics and logs go here; "
                       "an existing workdir is resumed")
+  parser.add_argument("--overwrite", action="store_true", help="start afresh in a workdir that holds "
+                      "another run (its files are moved to <workdir>/overwritten-<time>/, not deleted)")
   parser.add_argument("--coordinator_address", default="", help="host:port of process 0 (multi-process)")
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
@@ -327,14 +526,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
-    result = train_and_evaluate(config, args.workdir or None)
+    result = train_and_evaluate(config, args.workdir or None, overwrite=args.overwrite)
   except Preempted as e:
     print(str(e), file=sys.stderr)
     return PREEMPTED_EXIT_CODE
   except (config_lib.ConfigError, sharding.MeshError, checkpoint.CheckpointError, UnknownNameError,
-          FileNotFoundError, FloatingPointError) as e:
-    # Expected failure modes get one line; anything else keeps its traceback.
-    print(f"error: {e}", file=sys.stderr)
+          BadInputError, OSError, FloatingPointError) as e:
+    # Expected failure modes get one line; anything else keeps its traceback. (grain appends
+    # a note about its traceback filtering to errors raised in the input pipeline.)
+    print(f"error: {str(e).split(chr(10) + '----------')[0]}", file=sys.stderr)
     return 1
   if jax.process_index() == 0:
     print(json.dumps(result, default=float), flush=True)

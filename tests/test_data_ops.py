@@ -407,3 +407,12 @@ def test_full_chain_on_synthetic_image():
   out = _apply(train, {"image": _encode(_image(40, 30)), "label": 9})
   assert out["image"].shape == (16, 16, 3) and out["image"].dtype == np.float32
   assert out["image"].min() >= -1 and out["image"].max() <= 1
+
+
+def test_bad_content_is_a_bad_example_for_the_pipeline_policy():
+  """Out-of-range labels and empty captions raise BadExample, which config.input.bad_examples handles."""
+  from big_vision_lite.data.errors import BadExample
+  with pytest.raises(BadExample, match="outside"):
+    ops.get_preprocess_fn("onehot(4)")({"label": np.int64(7)}, None)
+  with pytest.raises(BadExample, match="empty caption"):
+    ops.get_preprocess_fn("tokenize(8)")({"caption": b"  "}, None)

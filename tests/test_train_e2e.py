@@ -160,6 +160,10 @@ def test_resume_onto_another_mesh(uninterrupted, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   got, want = final_params(tmp_path), final_params(uninterrupted)
   for k in want:  # other reduction order: equal to float tolerance, not bitwise
+    if k.endswith("key/bias"):
+      # Its true gradient is 0 (a key bias shifts all of a query's logits alike), so Adam's
+      # normalised update turns rounding noise of either mesh into ~lr-sized steps.
+      continue
     np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=0, err_msg=k)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from big_vision_lite.data.errors import BadExample
 from big_vision_lite.data.ops import OPS, Example, Op, get_key
 
 
@@ -28,7 +29,7 @@ def get_onehot(depth: int, key: str = "label", key_result: str | None = None, on
                        f"got {labels.dtype} with shape {labels.shape}")
     bad = labels[(labels < 0) | (labels >= depth)]
     if bad.size:
-      raise ValueError(f"onehot: label {bad.flat[0]} in key {key!r} is outside [0, {depth})")
+      raise BadExample(f"onehot: label {bad.flat[0]} in key {key!r} is outside [0, {depth})")
     out = np.full((depth,), off, np.float32)
     out[labels.astype(np.int64)] = on
     result = dict(example)

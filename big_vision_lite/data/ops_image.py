@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
+from big_vision_lite.data.errors import BadExample
 from big_vision_lite.data.ops import OPS, Op, get_key, image_op, need_rng
 
 _METHODS = {
@@ -66,18 +68,22 @@ def decode_image(value: Any, channels: int = 3, key: str = "image") -> np.ndarra
   if isinstance(value, (bytes, bytearray, memoryview)):
     try:
       with Image.open(io.BytesIO(bytes(value))) as img:
+        # Grayscale, palette, alpha (LA/RGBA/PA), CMYK, 16-bit: all become RGB (or L); alpha is dropped.
         img = img.convert("RGB" if channels == 3 else "L")
     except Exception as e:
-      raise ValueError(f"cannot decode image in key {key!r} ({len(value)} bytes): {e}") from None
+      why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # no addresses in messages
+      raise BadExample(f"cannot decode image in key {key!r} ({len(value)} bytes): {why}") from None
     image = np.asarray(img)
   else:
     image = np.asarray(value)
     if image.dtype != np.uint8:
-      raise ValueError(f"decode: key {key!r} holds a {image.dtype} array; expected encoded bytes or uint8")
+      raise BadExample(f"decode: key {key!r} holds a {image.dtype} array; expected encoded bytes or uint8")
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-    raise ValueError(f"decode: key {key!r} has shape {image.shape}; expected HxW or HxWx{{1,3,4}}")
+    raise BadExample(f"decode: key {key!r} has shape {image.shape}; expected HxW or HxWx{{1,3,4}}")
+  if image.shape[0] == 0 or image.shape[1] == 0:
+    raise BadExample(f"decode: key {key!r} holds a zero-size image (shape {image.shape})")
   if image.shape[2] == 4:
     image = image[..., :3]  # Drop alpha rather than composite, like tf.io.decode_image(channels=3).
   if channels == 3 and image.shape[2] == 1:

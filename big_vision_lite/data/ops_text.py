@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from big_vision_lite.data.errors import BadExample
 from big_vision_lite.data.ops import OPS, Example, Op, get_key
 from big_vision_lite.data.tokenizers import get_tokenizer
 
@@ -62,6 +63,8 @@ def get_tokenize(max_len: int, model: str = "bvl_shapes", key: str = "caption", 
 
   def op(example: Example, rng=None) -> Example:
     text = _as_text(get_key(example, key, "tokenize"), rng, key)
+    if not text.strip():  # an example with nothing to learn from; the pipeline's policy decides
+      raise BadExample(f"tokenize: key {key!r} holds an empty caption")
     out = dict(example)
     out[key_result] = tokenize_text(text, max_len, model, eos, pad_value)
     return out

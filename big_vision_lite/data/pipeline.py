@@ -4,11 +4,13 @@ a padded, masked, exactly-once eval iterable, both sharded per JAX process."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 import grain
@@ -17,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite.data import sources
+from big_vision_lite.data.errors import BadExample, BadInputError
 from big_vision_lite.config import ConfigError
 
 PreprocessFn = Callable[[dict, np.random.Generator], dict]
@@ -43,20 +46,29 @@ class IndexedSource:
     index = int(index)
     try:
       return index, self.source[index]
-    except Exception as e:
-      raise RuntimeError(f"reading record {index} of {self.source!r} failed: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - handed to Preprocess, whose policy decides.
+      return index, BadExample(f"reading the record failed: {_describe_error(e)}")
 
   def __repr__(self) -> str:
     # grain checks repr(source) on restore: it must not contain object addresses.
     return f"IndexedSource({self.source!r})"
 
 
+def _describe_error(e: BaseException) -> str:
+  return f"{type(e).__name__}: {e}"
+
+
 def _apply(fn: PreprocessFn, index: int, example: dict, rng: np.random.Generator, where: str) -> dict:
   try:
     return fn(example, rng)
   except Exception as e:
-    # Skipping bad examples is a policy for later; for now fail loudly, naming the record.
-    raise ValueError(f"preprocessing record {index} of {where} failed: {type(e).__name__}: {e}") from e
+    raise BadInputError(f"preprocessing record {index} of {where} failed: {_describe_error(e)}") from e
+
+
+# Bad examples are judged against at least this many examples read, so one bad
+# record early in a run is not already "1 of 1".
+MIN_EXAMPLES_FOR_FRACTION = 100
+_log = logging.getLogger("big_vision_lite")
 
 
 def _die_with_parent() -> None:
@@ -78,21 +90,79 @@ def _die_with_parent() -> None:
 
 
 class Preprocess(grain.transforms.RandomMap):
-  """Runs a preprocess fn (from an op string) on an (index, example) pair."""
+  """Runs a preprocess fn (from an op string) on an (index, example) pair.
 
-  def __init__(self, fn: PreprocessFn, where: str):
+  A record that fails to read or preprocess is a bad example. With
+  bad_examples="skip" it becomes None (dropped by `_is_good` before batching),
+  is counted and logged; once more than `max_bad_fraction` of the examples this
+  process read were bad (judged over at least MIN_EXAMPLES_FOR_FRACTION), the
+  run stops with BadInputError naming the last bad record. Skipping depends only
+  on the record, and grain's per-record rng does not depend on what was skipped
+  before, so the iterator stays deterministic and checkpointable. Counts are per
+  input process (each grain worker keeps its own) and restart at zero on resume.
+  """
+
+  def __init__(self, fn: PreprocessFn, where: str, bad_examples: str = "error",
+               max_bad_fraction: float = 0.0):
+    if bad_examples not in ("skip", "error"):
+      raise ConfigError(f"config.input.bad_examples: must be 'skip' or 'error', got {bad_examples!r}")
     self.fn = fn
     self.where = where
+    self.bad_examples = bad_examples
+    self.max_bad_fraction = float(max_bad_fraction)
+    self._init_counts()
+
+  def _init_counts(self) -> None:
+    self.seen = 0
+    self.bad = 0
+    self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict:
+    state = dict(self.__dict__)
+    state.pop("_lock", None)
+    return state
 
   def __setstate__(self, state: dict) -> None:
     # Unpickling happens in grain's worker processes (and in nothing else we run).
     self.__dict__.update(state)
+    self._init_counts()
     if multiprocessing.parent_process() is not None:
       _die_with_parent()
 
-  def random_map(self, element: tuple[int, dict], rng: np.random.Generator) -> dict:
+  def random_map(self, element: tuple[int, Any], rng: np.random.Generator) -> dict | None:
     index, example = element
-    return _apply(self.fn, index, example, rng, self.where)
+    try:
+      if isinstance(example, BaseException):
+        raise example
+      out = self.fn(example, rng)
+      error = None
+    except Exception as e:  # noqa: BLE001 - any failure of one record is that record's problem.
+      out, error = None, e
+    with self._lock:
+      self.seen += 1
+      if error is None:
+        return out
+      self.bad += 1
+      seen, bad = self.seen, self.bad
+    what = f"record {index} of {self.where}: {_describe_error(error)}"
+    if self.bad_examples == "error":
+      raise BadInputError(f"bad example, {what} (config.input.bad_examples='error')") from error
+    if bad > self.max_bad_fraction * max(seen, MIN_EXAMPLES_FOR_FRACTION):
+      raise BadInputError(
+          f"too many bad examples: {bad} of {seen} read (more than config.input.max_bad_fraction="
+          f"{self.max_bad_fraction:g}); last: {what}") from error
+    if bad <= 10 or bad % 100 == 0:
+      _log.warning("skipping bad example %s (%d bad of %d read by this input process)", what, bad, seen)
+    return None
+
+
+def _is_good(element: Any) -> bool:
+  return element is not None
+
+
+class _SkipBad(grain.transforms.Filter):
+  def filter(self, element: Any) -> bool:
+    return _is_good(element)
 
 
 def _describe(data_config: ml_collections.ConfigDict) -> str:
@@ -128,8 +198,13 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     config_key: str = "config.input",
+    bad_examples: str = "error",
+    max_bad_fraction: float = 0.0,
 ) -> grain.DataLoaderIterator:
   """Endless iterator of per-process batches (dicts of numpy arrays), reshuffled each epoch.
+
+  `bad_examples`="skip" drops records that fail to read or preprocess (see
+  `Preprocess`) and stops past `max_bad_fraction`; "error" stops at the first.
 
   Supports get_state()/set_state() and orbax via grain.checkpoint.CheckpointSave;
   restoring needs the same source, seed, process layout and num_workers.
@@ -140,19 +215,20 @@ def make_train_iterator(
   n = len(source)
   if n < process_count:
     raise ConfigError(f"{config_key}: {n} examples cannot be split over {process_count} processes")
-  sampler = grain.samplers.IndexSampler(
-      num_records=n,
-      shard_options=grain.sharding.ShardOptions(
-          shard_index=process_index, shard_count=process_count, drop_remainder=True),
-      shuffle=True,
-      num_epochs=None,
-      seed=seed,
-  )
+  # Process p reads its rows of every *global* batch of one global shuffle, so the
+  # batches do not depend on the process count (see distributed.GlobalBatchSampler).
+  from big_vision_lite import distributed  # local: keeps this module importable alone
+  sampler = distributed.GlobalBatchSampler(
+      n, seed=seed, global_batch_size=global_batch_size, process_index=process_index,
+      process_count=process_count)
   loader = grain.DataLoader(
       data_source=IndexedSource(source),
       sampler=sampler,
+      shard_options=grain.sharding.NoSharding(),
       operations=[
-          Preprocess(_preprocess_fn(preprocess), where=_describe(data_config)),
+          Preprocess(_preprocess_fn(preprocess), where=_describe(data_config),
+                     bad_examples=bad_examples, max_bad_fraction=max_bad_fraction),
+          _SkipBad(),
           grain.transforms.Batch(per_process, drop_remainder=True),
       ],
       worker_count=num_workers,

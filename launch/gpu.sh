@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One process on the local GPU(s), for debugging before a cluster run.
+#
+#   launch/gpu.sh --config configs/vit_shapes.py --workdir runs/vit_gpu [--config.key=value ...]
+#
+# XLA_PYTHON_CLIENT_MEM_FRACTION: share of GPU memory JAX preallocates (default here 0.9;
+#   set XLA_PYTHON_CLIENT_PREALLOCATE=false to allocate on demand when sharing a GPU).
+# XLA_FLAGS: latency-hiding scheduler and Triton GEMMs, the usual JAX-on-GPU settings;
+#   anything already in XLA_FLAGS is kept and comes last, so it wins.
+# CUDA_VISIBLE_DEVICES picks the GPUs; all visible GPUs form one mesh in one process.
+# Needs jax with CUDA (pip install -U "jax[cuda12]==0.10.2"). DRY_RUN=1 prints the command.
+set -euo pipefail
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=true ${XLA_FLAGS:-}"
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
+unset BVL_DISTRIBUTED
+CMD=("${PYTHON:-python}" -m big_vision_lite.train "$@")
+echo "+ XLA_PYTHON_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION XLA_FLAGS='$XLA_FLAGS' JAX_PLATFORMS=$JAX_PLATFORMS$(printf ' %q' "${CMD[@]}")"
+if [[ "${DRY_RUN:-0}" == 1 ]]; then exit 0; fi
+exec "${CMD[@]}"

@@ -1,0 +1,110 @@
+"""Bad training data: undecodable, zero-size, grayscale/alpha/palette images, labels out of
+range. Converted where possible, otherwise skipped and counted (deterministic, checkpointable
+iterator), and a run stops past config.input.max_bad_fraction naming the record."""
+
+import io
+import logging
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from big_vision_lite.data import pipeline, sources
+from big_vision_lite.data.errors import BadExample, BadInputError
+from big_vision_lite.data.ops_image import decode_image
+
+SPEC = "decode|resize(8)|onehot(4, key='label', key_result='labels')|keep('image', 'labels', 'id')"
+
+
+def _png(mode, size=(6, 5), value=100):
+  buf = io.BytesIO()
+  color = {"L": value, "LA": (value, 0), "RGBA": (value, 50, 200, 0), "P": value}.get(mode, (value, 1, 2))
+  Image.new(mode, size, color).save(buf, "PNG")
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "RGB"])
+def test_grayscale_alpha_palette_become_rgb(mode):
+  image = decode_image(_png(mode))
+  assert image.shape == (5, 6, 3) and image.dtype == np.uint8
+  if mode in ("L", "LA"):
+    assert (image == 100).all()
+  if mode == "RGBA":  # alpha dropped, colour kept
+    assert image[0, 0].tolist() == [100, 50, 200]
+
+
+@pytest.mark.parametrize("value,match", [
+    (b"not an image", "cannot decode image in key 'image' \\(12 bytes\\)"),
+    (b"", "cannot decode image"),
+    (np.zeros((0, 4, 3), np.uint8), "zero-size image"),
+])
+def test_undecodable_and_zero_size_are_bad_examples(value, match):
+  with pytest.raises(BadExample, match=match):
+    decode_image(value)
+
+
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory):
+  """400 records; 2 undecodable, 1 zero-size PNG payload, 1 label out of range, rest fine."""
+  path = str(tmp_path_factory.mktemp("dirty") / "d.array_record")
+  bad = {17: b"garbage", 123: b"", 250: None, 301: "label"}
+  recs = []
+  for i in range(400):
+    rec = {"image": _png("RGB", value=i % 200), "label": i % 4, "id": i}
+    if bad.get(i) == "label":
+      rec["label"] = 9
+    elif i in bad:
+      rec["image"] = bad[i] if bad[i] is not None else np.zeros((0, 0, 3), np.uint8)
+    recs.append(rec)
+  sources.write_array_record(path, recs)
+  return ml_collections.ConfigDict(dict(name="array_record", files=path)), sorted(bad)
+
+
+def _iter(data, **kw):
+  return pipeline.make_train_iterator(data, SPEC, global_batch_size=8, seed=0, process_index=0,
+                                      process_count=1, **kw)
+
+
+def test_skip_drops_counts_and_logs_bad_records(dirty, caplog):
+  data, bad = dirty
+  it = _iter(data, bad_examples="skip", max_bad_fraction=0.05)
+  with caplog.at_level(logging.WARNING, logger="big_vision_lite"):
+    ids = np.concatenate([next(it)["id"] for _ in range(50)])  # one epoch
+  assert len(ids) == 400 and not set(bad) & set(ids.tolist())
+  assert len(set(ids.tolist())) == 396  # every good record once in the first epoch... then epoch 2
+  for index in bad:
+    assert f"skipping bad example record {index} of " in caplog.text
+  assert "label 9 in key 'label' is outside [0, 4)" in caplog.text
+  assert "4 bad of" in caplog.text
+
+
+def test_skipping_iterator_is_deterministic_and_checkpointable(dirty):
+  data, _ = dirty
+  it = _iter(data, bad_examples="skip", max_bad_fraction=0.05)
+  for _ in range(10):
+    next(it)
+  state = it.get_state()
+  want = [next(it)["id"] for _ in range(20)]
+  again = _iter(data, bad_examples="skip", max_bad_fraction=0.05)
+  again.set_state(state)
+  got = [next(again)["id"] for _ in range(20)]
+  assert all(np.array_equal(a, b) for a, b in zip(want, got))
+
+
+def test_too_many_bad_examples_stop_naming_a_record(dirty):
+  data, bad = dirty
+  # At most 0.001 * max(read, 100) = 0.1 bad allowed so far: the first bad record stops it.
+  it = _iter(data, bad_examples="skip", max_bad_fraction=0.001)
+  with pytest.raises(BadInputError, match=r"too many bad examples: 1 of \d+ read \(more than "
+                     r"config.input.max_bad_fraction=0.001\); last: record (\d+) of array_record"):
+    for _ in range(60):
+      next(it)
+
+
+def test_error_policy_stops_at_the_first_bad_record(dirty):
+  data, bad = dirty
+  it = _iter(data, bad_examples="error")
+  with pytest.raises(BadInputError, match=r"bad example, record (17|123|250|301) of .*bad_examples='error'"):
+    for _ in range(60):
+      next(it)

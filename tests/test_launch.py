@@ -1,0 +1,80 @@
+"""launch/: the TPU script's dry run prints the gcloud commands of the whole flow, the GPU and
+SLURM scripts set what they promise, and the local multi-process launcher rejects bad input."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = ["--config", "configs/vit_i1k.py:data_dir=gs://b/tfds", "--workdir", "gs://b/runs/vit"]
+
+
+def sh(*cmd, env=None):
+  return subprocess.run(list(cmd), cwd=ROOT, capture_output=True, text=True, timeout=60,
+                        env=dict(os.environ, **(env or {})))
+
+
+def commands(stdout):
+  return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_tpu_dry_run_prints_the_whole_flow():
+  r = sh("bash", "launch/tpu.sh", "--name", "bvl-test", "--zone", "us-west4-a", "--type", "v5litepod-16",
+         "--spot", "--project", "proj", "--dry-run", "--", *TRAIN)
+  assert r.returncode == 0, r.stderr
+  cmds = commands(r.stdout)
+  gcloud = [c for c in cmds if c[0] == "gcloud"]
+  assert [c[:5] for c in gcloud] == [["gcloud", "compute", "tpus", "tpu-vm", verb] for verb in
+                                     ("create", "scp", "ssh", "ssh", "delete")]
+  create, scp, install, train, delete = gcloud
+  assert create[5] == "bvl-test" and "--accelerator-type=v5litepod-16" in create
+  assert "--version=v2-alpha-tpuv5-lite" in create and "--spot" in create
+  for c in gcloud:
+    assert "--zone=us-west4-a" in c and "--project=proj" in c
+  assert "--worker=all" in scp and "--worker=all" in install and "--worker=all" in train
+  assert "pip install" in install[install.index("--command") + 1]
+  remote = train[train.index("--command") + 1]
+  assert "BVL_DISTRIBUTED=1 python -m big_vision_lite.train" in remote
+  assert shlex.split(remote.split("big_vision_lite.train", 1)[1]) == TRAIN
+  assert delete[5] == "bvl-test" and "--quiet" in delete
+  assert not os.path.exists(os.path.join(ROOT, "logs", "bvl-test.log"))  # nothing ran
+
+
+def test_tpu_dry_run_queued_resource_and_keep():
+  r = sh("bash", "launch/tpu.sh", "--name", "q", "--zone", "z", "--type", "v5p-8", "--queued", "--keep",
+         "--dry-run", "--", *TRAIN)
+  assert r.returncode == 0, r.stderr
+  gcloud = [c for c in commands(r.stdout) if c[0] == "gcloud"]
+  assert gcloud[0][:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+  assert "--runtime-version=v2-alpha-tpuv5" in gcloud[0] and "--node-id=q" in gcloud[0]
+  assert not any("delete" in c for c in gcloud)
+
+
+def test_tpu_bad_input_is_one_line():
+  r = sh("bash", "launch/tpu.sh", "--zone", "z", "--type", "v5p-8", "--dry-run", "--", *TRAIN)
+  assert r.returncode == 2 and r.stderr.strip() == "error: --name is required"
+  r = sh("bash", "launch/tpu.sh", "--name", "n", "--zone", "z", "--type", "v5p-8", "--dry-run")
+  assert r.returncode == 2 and "trainer arguments missing" in r.stderr
+  r = sh("bash", "launch/tpu.sh", "--name", "n", "--zone", "z", "--type", "tpu9-8", "--dry-run", "--", *TRAIN)
+  assert r.returncode == 2 and "no default --version" in r.stderr
+
+
+def test_gpu_script_sets_memory_fraction_and_flags():
+  r = sh("bash", "launch/gpu.sh", "--config", "configs/vit_shapes.py", env={"DRY_RUN": "1", "XLA_FLAGS": "--mine"})
+  assert r.returncode == 0, r.stderr
+  assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in r.stdout
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in r.stdout and "--mine'" in r.stdout
+  assert "-m big_vision_lite.train --config configs/vit_shapes.py" in r.stdout
+
+
+def test_slurm_script_is_valid_bash_and_one_task_per_gpu():
+  assert sh("bash", "-n", "launch/slurm.sbatch").returncode == 0
+  text = open(os.path.join(ROOT, "launch", "slurm.sbatch")).read()
+  assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
+  assert "srun" in text and "big_vision_lite.train" in text
+
+
+def test_local_multiprocess_rejects_bad_count():
+  r = sh("bash", "launch/local_multiprocess.sh", "0", "--config", "x.py", env={"PYTHON": sys.executable})
+  assert r.returncode == 2 and "must be >= 1" in r.stderr
