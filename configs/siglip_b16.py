@@ -9,7 +9,7 @@
 # sentencepiece .model; nothing is downloaded), vocab (its size), init (image tower checkpoint for lit).
 # Expected (published, SigLIP 2 B/16 at 224 after full WebLI training): 78.2% ImageNet zero-shot; this recipe
 # has not been run at scale here (no accelerator data), only built and shape-checked.
-"""SigLIP recipe: ViT image tower + text transformer, map pooling, text length 64, t=log 10, b=-10."""
+"""SigLIP recipe: ViT image tower (map pooling) + text transformer (last-token pooling), text length 64, t=log 10, b=-10."""
 
 from big_vision_lite.config import ConfigDict, ConfigError, parse_arg
 
@@ -45,9 +45,11 @@ def get_config(arg=None):
   c.model = dict(
       image=dict(variant=args.variant, pool_type="map", scan=True, remat_policy="nothing_saveable",
                  dtype_mm="bfloat16"),
-      text=dict(variant=name, vocab_size=args.vocab, pool_type="map", scan=True,
+      # As big_vision's released SigLIP (and what transformers/open_clip expect): the image tower
+      # ends at its MAP head, the text tower pools the last token and projects to the image width.
+      text=dict(variant=name, vocab_size=args.vocab, pool_type="last", scan=True,
                 remat_policy="nothing_saveable", dtype_mm="bfloat16"),
-      out_dim=768 if name == "B" else 1152, temperature_init=10.0,
+      out_dim=(None, 768 if name == "B" else 1152), temperature_init=10.0,
       bias_init=-10.0 if args.loss == "sigmoid" else None)
   c.task = dict(name="contrastive", loss=args.loss, chunked=True)
 
