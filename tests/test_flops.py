@@ -161,3 +161,13 @@ def test_compiled_flops_forms():
   c = jax.jit(lambda a, b: a @ b).lower(np.ones((8, 4), np.float32),
                                         np.ones((4, 2), np.float32)).compile()
   assert flops.compiled_flops(c) == 2 * 8 * 4 * 2
+
+
+def test_corrupt_cpu_peak_cache_is_remeasured(tmp_path, monkeypatch):
+  cache = tmp_path / "peak.json"
+  cache.write_text("{not json")
+  monkeypatch.setattr(flops, "measure_matmul_flops", lambda *a, **k: 4e9)
+  dev = jax.devices()[0]
+  peak, _ = flops.default_peak_flops(dev, cache_path=str(cache))
+  assert peak == pytest.approx(4e9 / len(jax.local_devices()))
+  assert list(json.loads(cache.read_text()).values()) == [4e9]  # rewritten with the new probe

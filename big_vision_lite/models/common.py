@@ -6,7 +6,7 @@ activations get logical constraints; both are no-ops until a mesh and rules are 
 
 from __future__ import annotations
 
-import string
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -52,8 +52,11 @@ def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
 class DenseGeneral(nn.Module):
   """Contracts the last `num_in` axes of x with a kernel of shape in_shape + features.
 
-  Same params as flax DenseGeneral (`kernel`, `bias` of shape `features`), but the
-  initializer sees the real kernel shape, so logical partitioning boxes work.
+  Same params as flax DenseGeneral/Dense (`kernel`, `bias` of shape `features`),
+  but the initializer sees the real kernel shape, so logical partitioning boxes
+  work. The product runs as one 2-D matmul (leading axes and the in/out axes
+  flattened): XLA:CPU runs the gradient of a dot_general over (batch, length)
+  ~1.7x slower than the same numbers as a plain (B*S, D) x (D, F) matmul.
   """
   features: tuple[int, ...]
   num_in: int = 1
@@ -61,23 +64,25 @@ class DenseGeneral(nn.Module):
   bias_axes: tuple[str | None, ...] = ()
   dtype_mm: Any = jnp.float32
   use_bias: bool = True
+  kernel_init: Initializer | None = None  # None: xavier_uniform over the flattened kernel.
+  bias_init: Initializer = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    in_shape = x.shape[-self.num_in:]
-    kshape = tuple(in_shape) + tuple(self.features)
+    in_shape = tuple(x.shape[-self.num_in:])
+    kshape = in_shape + tuple(self.features)
     # Fans as if the kernel were flattened to (prod(in), prod(out)), like flax does.
     in_axis = tuple(range(self.num_in))
     out_axis = tuple(range(self.num_in, len(kshape)))
-    kinit = nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
+    kinit = self.kernel_init or nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
     kernel = self.param("kernel", part(kinit, self.kernel_axes), kshape, jnp.float32)
-    letters = string.ascii_letters
-    ins = letters[:self.num_in]
-    outs = letters[self.num_in:len(kshape)]
-    y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}",
-                   x.astype(self.dtype_mm), kernel.astype(self.dtype_mm))
+    lead = x.shape[:x.ndim - self.num_in]
+    n_in, n_out = math.prod(in_shape), math.prod(self.features)
+    y = jnp.dot(x.reshape((-1, n_in)).astype(self.dtype_mm),
+                kernel.reshape((n_in, n_out)).astype(self.dtype_mm))
+    y = y.reshape(lead + tuple(self.features))
     if self.use_bias:
-      bias = self.param("bias", part(nn.initializers.zeros, self.bias_axes),
+      bias = self.param("bias", part(self.bias_init, self.bias_axes),
                         tuple(self.features), jnp.float32)
       y = y + bias.astype(self.dtype_mm)
     return y
@@ -106,13 +111,21 @@ class MultiHeadDotProductAttention(nn.Module):
     k = nn.with_logical_constraint(k, ACT_HEADS)
     v = nn.with_logical_constraint(v, ACT_HEADS)
     q = q / jnp.sqrt(hd).astype(q.dtype)
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k)
+    # Head-major (B, H, L, hd) operands make both attention matmuls plain batched
+    # matmuls; XLA:CPU otherwise transposes inside each dot (~25% slower attention).
+    q, k, v = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
+    logits = jnp.einsum("...hqd,...hkd->...hqk", q, k)
     # Softmax in fp32 whatever the matmul dtype: bf16 logits lose too much.
     logits = logits.astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype_mm)
-    y = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+    # softmax(l) @ v, normalised after the matmul: dividing the (.., Q, hd) output
+    # instead of the (.., Q, K) weights is fewer FLOPs and one pass less over the
+    # largest tensor. Same math as jax.nn.softmax (max-shifted, so exp <= 1).
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    y = jnp.einsum("...hqk,...hkd->...hqd", e.astype(self.dtype_mm), v)
+    y = (y / jnp.sum(e, axis=-1, keepdims=True)).astype(self.dtype_mm)
+    y = jnp.swapaxes(y, -3, -2)
     return DenseGeneral(features=(d,), num_in=2, kernel_axes=("heads", "kv", "embed"),
                         bias_axes=("embed",), dtype_mm=self.dtype_mm, name="out")(y)
 
@@ -128,15 +141,15 @@ class MlpBlock(nn.Module):
     d = x.shape[-1]
     kinit = nn.initializers.xavier_uniform()
     binit = nn.initializers.normal(stddev=1e-6)
-    x = nn.Dense(self.mlp_dim or 4 * d, dtype=self.dtype_mm,
-                 kernel_init=part(kinit, ("embed", "mlp")),
-                 bias_init=part(binit, ("mlp",)))(x)
+    # Named as nn.Dense would be auto-named, so checkpoints keep Dense_0/Dense_1.
+    x = DenseGeneral((self.mlp_dim or 4 * d,), kernel_axes=("embed", "mlp"), bias_axes=("mlp",),
+                     dtype_mm=self.dtype_mm, kernel_init=kinit, bias_init=binit, name="Dense_0")(x)
     x = nn.with_logical_constraint(x, ACT_MLP)
     x = nn.gelu(x)
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
-    return nn.Dense(d, dtype=self.dtype_mm,
-                    kernel_init=part(kinit, ("mlp", "embed")),
-                    bias_init=part(binit, ("embed",)))(x)
+    return DenseGeneral((d,), kernel_axes=("mlp", "embed"), bias_axes=("embed",),
+                        dtype_mm=self.dtype_mm, kernel_init=kinit, bias_init=binit,
+                        name="Dense_1")(x)
 
 
 class Encoder1DBlock(nn.Module):

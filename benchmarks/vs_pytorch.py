@@ -1,0 +1,217 @@
+"""Our ViT (JAX) vs timm's ViT (PyTorch) on this machine: images/s of a training step and a forward.
+
+    python benchmarks/vs_pytorch.py [--variant S] [--batch 32] [--infer_batch 64] [--steps 5]
+                                    [--mode train|infer|both] [--res 224]
+
+Ours is the trainer's real step (train.build + make_train_step: forward, backward,
+grad clip, AdamW, metrics) and a jitted `model.apply` for the forward; timm's is
+`vit_<variant>_patch16_224` with torch.optim.AdamW and clip_grad_norm_ (train) and
+`inference_mode` (forward). Both are fp32, 1000 classes, class-token pooling (197
+tokens, as timm's model), compiled/warmed up first, then timed alternately (ours,
+torch, ours, ...) so background load on a shared machine hits both alike; the
+ratio of median images/s (ours / torch, > 1 means ours is faster) is printed, by
+wall time and by process CPU time (user + sys of all threads): on a CPU shared with
+other jobs the wall time includes waiting for a core, the CPU time does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from big_vision_lite import config as config_lib, sharding, train
+from big_vision_lite.convert import torch_env
+
+TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
+              "B": "vit_base_patch16_224"}
+CLASSES = 1000
+
+
+def _config(variant: str, batch: int) -> config_lib.ConfigDict:
+  c = config_lib.defaults()
+  c.input.batch_size = batch
+  c.total_steps = 1000
+  c.model_name = "vit"
+  # Class token + learned posemb + head on the token: timm's vit_*_patch16_224 architecture.
+  c.model = config_lib.ConfigDict(dict(variant=f"{variant}/16", num_classes=CLASSES, pool_type="tok",
+                                       posemb="learn"))
+  c.task = config_lib.ConfigDict(dict(name="classification", loss="softmax_xent"))
+  c.optax_name = "adamw"
+  c.schedule = config_lib.ConfigDict(dict(warmup_steps=10, decay_type="cosine"))
+  c.mesh = config_lib.ConfigDict(dict(data=1, fsdp=1, tensor=1, expert=1))
+  return c
+
+
+def _images(batch: int, res: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(batch, res, res, 3)).astype(np.float32),
+          rng.integers(0, CLASSES, batch))
+
+
+class Ours:
+  """The trainer's compiled train step, and a jitted forward of the same model."""
+
+  def __init__(self, variant: str, batch: int, infer_batch: int, res: int, modes: set[str]):
+    c = _config(variant, batch)
+    example = {"image": np.zeros((1, res, res, 3), np.float32),
+               "labels": np.zeros((1, CLASSES), np.float32)}
+    self.mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    setup = train.build(c, mesh=self.mesh, example=example)
+    self.rules = setup.rules
+    self.model = setup.model
+    with self._ctx():
+      self.state = setup.init_state(jax.random.PRNGKey(0))
+      self.compile_s = {}
+      if "train" in modes:
+        img, lab = _images(batch, res)
+        self.batch = sharding.global_batch(
+            {"image": img, "labels": np.eye(CLASSES, dtype=np.float32)[lab]}, self.mesh)
+        t0 = time.perf_counter()
+        self.step = train.make_train_step(setup, 1).lower(self.state, self.batch).compile()
+        self.compile_s["train"] = time.perf_counter() - t0
+      if "infer" in modes:
+        self.images = jax.device_put(_images(infer_batch, res, 1)[0])
+        fwd = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False)[0])
+        t0 = time.perf_counter()
+        self.fwd = fwd.lower(self.state["params"], self.images).compile()
+        self.compile_s["infer"] = time.perf_counter() - t0
+
+  def _ctx(self):
+    mesh, rules = self.mesh, self.rules
+
+    class _Ctx:
+      def __enter__(self_inner):
+        self_inner.a = jax.set_mesh(mesh)
+        self_inner.a.__enter__()
+        self_inner.b = train.nn.logical_axis_rules(rules)
+        self_inner.b.__enter__()
+
+      def __exit__(self_inner, *exc):
+        self_inner.b.__exit__(*exc)
+        self_inner.a.__exit__(*exc)
+    return _Ctx()
+
+  def train_step(self) -> float:
+    with self._ctx():
+      t0 = time.perf_counter()
+      self.state, m = self.step(self.state, self.batch)
+      jax.block_until_ready((self.state, m))
+      return time.perf_counter() - t0
+
+  def infer(self) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(self.fwd(self.state["params"], self.images))
+    return time.perf_counter() - t0
+
+
+class Torch:
+  """timm's ViT with AdamW (+ grad-norm clip 1.0, as our default config) and an eval forward."""
+
+  def __init__(self, variant: str, batch: int, infer_batch: int, res: int, modes: set[str]):
+    self.torch = torch = torch_env.setup()
+    import timm  # after torch_env.setup(): the torchvision stub
+    self.model = timm.create_model(TIMM_NAMES[variant], pretrained=False, num_classes=CLASSES,
+                                   img_size=res)
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=1e-4)
+    if "train" in modes:
+      img, lab = _images(batch, res)
+      self.x = torch.from_numpy(img).permute(0, 3, 1, 2).contiguous()  # NCHW, as timm wants
+      self.y = torch.from_numpy(lab)
+    if "infer" in modes:
+      self.xi = torch.from_numpy(_images(infer_batch, res, 1)[0]).permute(0, 3, 1, 2).contiguous()
+
+  def train_step(self) -> float:
+    torch = self.torch
+    self.model.train()
+    t0 = time.perf_counter()
+    self.opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.opt.step()
+    loss.item()
+    return time.perf_counter() - t0
+
+  def infer(self) -> float:
+    self.model.eval()
+    with self.torch.inference_mode():
+      t0 = time.perf_counter()
+      self.model(self.xi).sum().item()
+      return time.perf_counter() - t0
+
+
+def thread_settings(torch_mod) -> str:
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return (f"cores available {cores}; torch threads {torch_mod.get_num_threads()} intra-op / "
+          f"{torch_mod.get_num_interop_threads()} inter-op; XLA:CPU Eigen pool = cores "
+          f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+
+
+def _cpu_s() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+  return r.ru_utime + r.ru_stime
+
+
+def _alternate(fns: dict[str, Callable[[], float]], steps: int, warmup: int
+               ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+  """Wall seconds and process CPU seconds (user + sys) of each fn, interleaved."""
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  wall = {k: [] for k in fns}
+  cpu = {k: [] for k in fns}
+  for _ in range(steps):
+    for k, fn in fns.items():
+      c0 = _cpu_s()
+      wall[k].append(fn())
+      cpu[k].append(_cpu_s() - c0)
+  return wall, cpu
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--variant", default="S", choices=sorted(TIMM_NAMES))
+  ap.add_argument("--batch", type=int, default=32, help="training batch")
+  ap.add_argument("--infer_batch", type=int, default=64, help="forward-only batch")
+  ap.add_argument("--steps", type=int, default=5, help="timed steps of each, after warm-up")
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--res", type=int, default=224)
+  ap.add_argument("--mode", default="both", choices=("train", "infer", "both"))
+  args = ap.parse_args()
+  modes = {"train", "infer"} if args.mode == "both" else {args.mode}
+
+  ours = Ours(args.variant, args.batch, args.infer_batch, args.res, modes)
+  theirs = Torch(args.variant, args.batch, args.infer_batch, args.res, modes)
+  print(f"ViT-{args.variant}/16 at {args.res}px, {CLASSES} classes, fp32; jax {jax.__version__} "
+        f"({jax.devices()[0].platform}), torch {theirs.torch.__version__}")
+  print(thread_settings(theirs.torch))
+  print("our compile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
+  for mode in ("train", "infer"):
+    if mode not in modes:
+      continue
+    batch = args.batch if mode == "train" else args.infer_batch
+    fns = {"ours": getattr(ours, "train_step" if mode == "train" else "infer"),
+           "torch": getattr(theirs, "train_step" if mode == "train" else "infer")}
+    times, cpu = _alternate(fns, args.steps, args.warmup)
+    ips = {k: batch / statistics.median(t) for k, t in times.items()}
+    cpu_ips = {k: batch / statistics.median(t) for k, t in cpu.items()}
+    label = "train step (fwd+bwd+AdamW)" if mode == "train" else "forward only"
+    print(f"{label}, batch {batch}, {args.steps} alternating steps after {args.warmup} warm-up:")
+    for k in fns:
+      print(f"  {k:6s} {ips[k]:7.2f} img/s  median step {statistics.median(times[k]):.3f} s  "
+            f"(all: {', '.join(f'{t:.3f}' for t in times[k])});  "
+            f"CPU {statistics.median(cpu[k]):.3f} s/step = {cpu_ips[k]:.2f} img/CPU-s")
+    print(f"  ratio ours/torch = {ips['ours'] / ips['torch']:.3f} by wall time, "
+          f"{cpu_ips['ours'] / cpu_ips['torch']:.3f} by CPU time  (goal >= 1.0)")
+
+
+if __name__ == "__main__":
+  main()
