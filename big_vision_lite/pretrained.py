@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any
 
@@ -95,6 +96,8 @@ def _resolve_state_dir(path: epath.Path) -> epath.Path:
 
 
 def _read_orbax(path: epath.Path, subtree: str | None) -> tuple[dict[str, np.ndarray], str]:
+  if "://" not in str(path):  # Orbax wants absolute paths; users pass runs/vit
+    path = epath.Path(os.path.abspath(str(path)))
   state_dir = _resolve_state_dir(path)
   prefix = "params" + (f"/{subtree}" if subtree else "")
   names = _strip_prefix(read_state_metadata(state_dir), prefix, str(state_dir))

@@ -6,7 +6,8 @@
 # recall@1 far above chance on the validation split (8 classes: chance 0.125; 2000 captions:
 # chance 0.0005). Measured: see the README section "SigLIP two towers".
 # Args: loss=sigmoid|softmax, chunked (ring loss across devices), keep_prob (caption attribute
-# dropout), steps, batch, res, width, depth, patch, workers.
+# dropout), lit=<vit_shapes workdir> (LiT: locked image tower), steps, batch, res, width, depth,
+# patch, workers.
 """Two towers (small ViT + text transformer) trained with the SigLIP loss on bvl_shapes captions."""
 
 from big_vision_lite.config import ConfigDict, parse_arg
@@ -18,7 +19,7 @@ TEMPLATES = ["a {}", "a small {}", "a medium {}", "a large {}"]
 
 def get_config(arg=None):
   args = parse_arg(arg, res=64, steps=1200, batch=128, width=64, depth=4, heads=4, patch=8,
-                   loss="sigmoid", chunked=True, keep_prob=0.5, workers=1)
+                   loss="sigmoid", chunked=True, keep_prob=0.5, workers=1, lit="")
   c = ConfigDict()
   c.seed = 0
   c.total_steps = args.steps
@@ -46,6 +47,13 @@ def get_config(arg=None):
       out_dim=(None, args.width), temperature_init=10.0,
       bias_init=-10.0 if args.loss == "sigmoid" else None)
   c.task = dict(name="contrastive", loss=args.loss, chunked=args.chunked)
+  if args.lit:
+    # LiT: lock the image tower of a trained configs/vit_shapes.py run (lit=runs/vit) and train
+    # only the text tower; the image embedding is that ViT's gap features (its head is not loaded).
+    c.model.image.pool_type = "gap"
+    c.model_init = args.lit
+    c.model_load = dict(target_prefix="img", allow_mismatch=True)
+    c.frozen = ["img/.*"]
 
   c.optax_name = "adamw"
   c.lr = 1e-3

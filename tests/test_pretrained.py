@@ -1,7 +1,9 @@
 """Tests for big_vision_lite.pretrained: partial loading from .npz and from our
 checkpoints, posemb resampling against a NumPy bilinear reference."""
 
+import os
 import numpy as np
+
 import jax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -119,3 +121,11 @@ def test_load_from_our_checkpoint_onto_sharded_target(tmp_path):
     assert len(report.reshaped) == 1
   _, report = load_pretrained(target, str(tmp_path))
   assert "txt/emb" in report.unexpected and "img/head/kernel" in report.unexpected
+  # A relative workdir (config.model_init=runs/vit) works too: Orbax itself wants absolute paths.
+  here = os.getcwd()
+  try:
+    os.chdir(tmp_path.parent)
+    params, _ = load_pretrained(target, tmp_path.name, subtree="img")
+  finally:
+    os.chdir(here)
+  np.testing.assert_array_equal(np.asarray(params["head"]["kernel"]), saved["img"]["head"]["kernel"])
