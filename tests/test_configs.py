@@ -43,3 +43,31 @@ def test_recipe_builds(spec, res, classes, tmp_path):
   elif spec == "vit_i1k.py":
     assert 21.5e6 < n_params < 22.5e6  # ViT-S/16
   assert flops.model_forward_flops(setup.model, example) > 0
+
+
+@pytest.mark.parametrize("spec,res,n_range", [
+    # B/16 encoder 85.8M + decoder 6 x 9.44M (self, cross, MLP) + 32k embeddings in and out (2 x 24.6M).
+    ("cappa_b16.py", 224, (190e6, 194e6)),
+    # L/14 encoder 303M + projection 1M + decoder 6 x 12.6M (no cross-attention) + 2 x 32.8M embeddings.
+    ("openvision2_l14.py:stage=1,res=84", 84, (440e6, 450e6)),
+    ("openvision2_l14.py:stage=2,init=/ckpt/stage1", 224, (440e6, 450e6)),
+])
+def test_captioning_recipe_builds_at_full_size(spec, res, n_range, tmp_path):
+  vocab = tmp_path / "vocab.txt"  # any local tokenizer: the recipes only need its pad/eos ids here
+  vocab.write_text("<pad>\n<eos>\n<unk>\nword\n")
+  config = config_lib.load_config(os.path.join(ROOT, "configs", f"{spec}{',' if ':' in spec else ':'}"
+                                               f"spm={vocab},files=/d/*.tar"))
+  config_lib.validate(config, num_devices=8)
+  example = {"image": np.zeros((1, res, res, 3), np.float32), "labels": np.zeros((1, 64), np.int32)}
+  setup = train.build(config, mesh=sharding.make_mesh(config.mesh), example=example)
+  params = setup.abstract_state["params"]
+  n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
+  assert n_range[0] < n_params < n_range[1], n_params
+  assert config.model.max_len == 64 and "eos='sticky'" in config.input.pp
+  if "openvision2" in spec:
+    assert config.model.keep_ratio == 0.35
+    posemb = params["img"]["pos_embedding"]
+    assert posemb.shape[1] == (res // 14) ** 2  # 6x6 at 84 px, 16x16 at 224 px (resampled on load)
+    assert config.model_init == ("/ckpt/stage1" if "stage=2" in spec else "")
+  else:
+    assert config.task.parallel_fraction == 0.75 and config.input.batch_size == 8192

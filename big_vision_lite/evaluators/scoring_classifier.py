@@ -1,0 +1,75 @@
+"""CapPa's scoring classifier: zero-shot classification by caption likelihood.
+
+Every class name is put into prompt templates; an image's class is the one whose
+prompts the captioner finds most likely (log-sum-exp over the class's templates).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from big_vision_lite import sharding
+from big_vision_lite.config import ConfigError
+from big_vision_lite.data import ops as pp_ops, pipeline
+from big_vision_lite.evaluators import EVALUATORS, Evaluator
+from big_vision_lite.evaluators.retrieval import collect
+from big_vision_lite.evaluators.zero_shot import DEFAULT_TEMPLATES, _builtin_class_names
+
+
+def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+  m = np.max(x, axis=axis, keepdims=True)
+  return np.squeeze(m, axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+
+
+@EVALUATORS.register("scoring_classifier")
+class ScoringClassifierEvaluator(Evaluator):
+  """Reports `<name>/accuracy`.
+
+  Keys: data, pp (gives the image and the int label `label_key`), pp_txt (turns
+  {"texts": prompt} into the caption tokens, e.g. "tokenize(16, key='texts')"),
+  class_names (default: bvl_shapes' names for that dataset), templates (with "{}").
+  Needs task 'captioning'.
+  """
+
+  allowed_keys = Evaluator.allowed_keys + ("pp_txt", "class_names", "templates", "label_key")
+
+  def __init__(self, name, config, **kwargs):
+    super().__init__(name, config, **kwargs)
+    for key in ("data", "pp", "pp_txt"):
+      if key not in config:
+        raise ConfigError(f"config.evals.{name}.{key}: missing")
+    if not hasattr(self.task, "score_classes"):
+      raise ConfigError(f"config.evals.{name}.type: scoring_classifier needs task 'captioning'")
+    names = config.get("class_names", None) or _builtin_class_names(config.data)
+    if not names:
+      raise ConfigError(f"config.evals.{name}.class_names: missing (only bvl_shapes has defaults)")
+    self.class_names = tuple(names)
+    self.templates = tuple(config.get("templates", None) or DEFAULT_TEMPLATES)
+    bad = [t for t in self.templates if "{}" not in t]
+    if bad:
+      raise ConfigError(f"config.evals.{name}.templates: {bad[0]!r} has no '{{}}' for the class name")
+    self.label_key = config.get("label_key", "label")
+    pp_txt = pp_ops.get_preprocess_fn(config.pp_txt)
+    key = self.task.text_key
+    prompts = [t.format(c) for c in self.class_names for t in self.templates]
+    self.class_tokens = np.stack([np.asarray(pp_txt({"texts": p}, None)[key]) for p in prompts])
+    self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
+                                            config_key=f"config.evals.{name}")
+    repl = sharding.replicated(self.mesh)
+    score = self.task.score_classes
+    self._tokens = None
+    self._step = jax.jit(lambda params, batch, toks: score(params, batch[self.task.image_key], toks),
+                         out_shardings=repl)
+
+  def run(self, params):
+    toks = jax.device_put(self.class_tokens, sharding.replicated(self.mesh))
+    step = lambda p, b: self._step(p, b, toks)
+    scores, kept = collect(step, params, self.data, self.mesh, keep=(self.label_key,))
+    labels = kept[self.label_key]
+    if labels.ndim == 2:
+      labels = labels.argmax(axis=-1)
+    per_class = logsumexp(scores.reshape(len(scores), len(self.class_names), len(self.templates)), 2)
+    pred = np.argmax(per_class, axis=1)
+    return {f"{self.name}/accuracy": float(np.mean(pred == labels)),
+            f"{self.name}/examples": len(scores)}

@@ -1,0 +1,66 @@
+# CapPa B/16 at 224 (big_vision's recipe): ViT-B/16 encoder + 6-layer cross-attention decoder,
+# 75% of examples trained with parallel prediction, captions of up to 64 tokens.
+#
+#   python -m big_vision_lite.train --config configs/cappa_b16.py:data=tar,files='/data/shards/*.tar',spm=/data/c4_en.model \
+#       --workdir runs/cappa_b16
+#
+# Args: data=tar|array_record|<tfds name>, files (tar/array_record glob), data_dir (tfds), split, text_key
+# (caption key of the examples), spm (local sentencepiece .model, or a word-per-line .txt; nothing is
+# downloaded), vocab (its size), variant (encoder, default B/16), res, batch, steps, parallel, opt
+# (adafactor|adamw).
+# Expected: the paper (CapPa, "Image Captioners Are Scalable Vision Learners Too") reports encoders
+# competitive with contrastive ones of the same size; FACTS.md records no accuracy number for it, so
+# none is promised here. This recipe has NOT been run at scale in this project (no
+# accelerator data): only loaded and built abstractly at full size (tests/test_configs.py). The
+# encoder is exported with `python -m big_vision_lite.tools.extract_encoder --workdir runs/cappa_b16 --out enc.npz`.
+"""CapPa recipe: ViT-B/16 at 224, decoder 6 x 768, max_len 64 (eos sticky), parallel 0.75, batch 8192."""
+
+from big_vision_lite.config import ConfigDict, ConfigError, parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, variant="B/16", res=224, batch=8192, steps=0, data="tar", files="", data_dir="",
+                   split="train", text_key="caption", spm="", vocab=32_000, text_len=64, parallel=0.75,
+                   dec_depth=6, opt="adafactor")
+  if not args.spm:
+    raise ConfigError("config arg spm: give a local sentencepiece .model file (e.g. spm=/data/c4_en.model)")
+  if args.opt not in ("adafactor", "adamw"):
+    raise ConfigError(f"config arg opt: {args.opt!r} is not adafactor or adamw")
+  c = ConfigDict()
+  c.seed = 0
+  c.total_steps = args.steps or 100_000  # set steps= for your data size
+
+  c.input = ConfigDict()
+  c.input.data = dict(name=args.data, split=args.split)
+  if args.data in ("tar", "array_record"):
+    c.input.data.files = args.files
+  else:
+    c.input.data.data_dir = args.data_dir
+  c.input.batch_size = args.batch
+  c.input.num_workers = 8
+  tok = (f"tokenize({args.text_len}, model={args.spm!r}, key={args.text_key!r}, key_result='labels', "
+         "eos='sticky')")
+  # No flip: captions may say left/right.
+  c.input.pp = f"decode|resize({args.res})|value_range(-1, 1)|{tok}|keep('image', 'labels')"
+
+  c.model_name = "cappa"
+  c.model = dict(
+      image=dict(variant=args.variant, pool_type="gap", scan=True, remat_policy="nothing_saveable",
+                 dtype_mm="bfloat16"),
+      # The decoder has the encoder's width/heads/mlp (variant without patch) and 6 layers.
+      decoder=dict(variant=args.variant.split("/")[0], depth=args.dec_depth, dtype_mm="bfloat16"),
+      vocab_size=args.vocab, max_len=args.text_len)
+  c.task = dict(name="captioning", parallel_fraction=args.parallel, tokenizer=args.spm)
+
+  c.optax_name = args.opt
+  if args.opt == "adamw":
+    c.optax = dict(b2=0.95)
+  c.lr = 1e-3
+  c.wd = 1e-4
+  c.schedule = dict(warmup_steps=10_000, decay_type="cosine")
+  c.grad_clip_norm = 1.0
+
+  c.evals = {}  # add caption_perplexity / scoring_classifier / linear_probe on your own splits
+  c.log_training_steps = 50
+  c.ckpt_steps = 1000
+  return c
