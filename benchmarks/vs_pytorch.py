@@ -2,6 +2,7 @@
 
     python benchmarks/vs_pytorch.py [--variant S] [--batch 32] [--infer_batch 64] [--steps 5]
                                     [--mode train|infer|both] [--res 224]
+                                    [--cpu_dots eigen|default]
 
 Ours is the trainer's real step (train.build + make_train_step: forward, backward,
 grad clip, AdamW, metrics) and a jitted `model.apply` for the forward; timm's is
@@ -12,6 +13,8 @@ torch, ours, ...) so background load on a shared machine hits both alike; the
 ratio of median images/s (ours / torch, > 1 means ours is faster) is printed, by
 wall time and by process CPU time (user + sys of all threads): on a CPU shared with
 other jobs the wall time includes waiting for a core, the CPU time does not.
+Our executables are compiled with XLA:CPU's YNNPACK GEMM off (`--cpu_dots eigen`, the
+default; see CPU_EIGEN_DOTS), `--cpu_dots default` keeps jax's default.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from typing import Callable
 import jax
 import numpy as np
 
-from big_vision_lite import config as config_lib, sharding, train
+from big_vision_lite import config as config_lib, sharding, train, xla_options
 from big_vision_lite.convert import torch_env
 
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
               "B": "vit_base_patch16_224"}
 CLASSES = 1000
+# The trainer's own CPU compile options (YNNPACK off: Eigen dots); see big_vision_lite/xla_options.py.
+CPU_EIGEN_DOTS = xla_options.CPU_EIGEN_DOTS
 
 
 def _config(variant: str, batch: int) -> config_lib.ConfigDict:
@@ -58,7 +63,8 @@ def _images(batch: int, res: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 class Ours:
   """The trainer's compiled train step, and a jitted forward of the same model."""
 
-  def __init__(self, variant: str, batch: int, infer_batch: int, res: int, modes: set[str]):
+  def __init__(self, variant: str, batch: int, infer_batch: int, res: int, modes: set[str],
+               compiler_options: dict[str, str] | None = None):
     c = _config(variant, batch)
     example = {"image": np.zeros((1, res, res, 3), np.float32),
                "labels": np.zeros((1, CLASSES), np.float32)}
@@ -74,13 +80,15 @@ class Ours:
         self.batch = sharding.global_batch(
             {"image": img, "labels": np.eye(CLASSES, dtype=np.float32)[lab]}, self.mesh)
         t0 = time.perf_counter()
-        self.step = train.make_train_step(setup, 1).lower(self.state, self.batch).compile()
+        self.step = train.make_train_step(setup, 1).lower(self.state, self.batch).compile(
+            compiler_options=compiler_options)
         self.compile_s["train"] = time.perf_counter() - t0
       if "infer" in modes:
         self.images = jax.device_put(_images(infer_batch, res, 1)[0])
         fwd = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False)[0])
         t0 = time.perf_counter()
-        self.fwd = fwd.lower(self.state["params"], self.images).compile()
+        self.fwd = fwd.lower(self.state["params"], self.images).compile(
+            compiler_options=compiler_options)
         self.compile_s["infer"] = time.perf_counter() - t0
 
   def _ctx(self):
@@ -185,14 +193,21 @@ def main() -> None:
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--res", type=int, default=224)
   ap.add_argument("--mode", default="both", choices=("train", "infer", "both"))
+  ap.add_argument("--cpu_dots", default="eigen", choices=("eigen", "default"),
+                  help="XLA:CPU GEMM for our dots: 'eigen' (YNNPACK off, see CPU_EIGEN_DOTS) or "
+                       "jax's default (YNNPACK)")
   args = ap.parse_args()
   modes = {"train", "infer"} if args.mode == "both" else {args.mode}
 
-  ours = Ours(args.variant, args.batch, args.infer_batch, args.res, modes)
+  if args.cpu_dots == "default":
+    os.environ["BVL_CPU_DOTS"] = "default"  # so train.make_train_step's own jit keeps jax's setting too
+  opts = CPU_EIGEN_DOTS if args.cpu_dots == "eigen" and jax.default_backend() == "cpu" else None
+  ours = Ours(args.variant, args.batch, args.infer_batch, args.res, modes, compiler_options=opts)
   theirs = Torch(args.variant, args.batch, args.infer_batch, args.res, modes)
   print(f"ViT-{args.variant}/16 at {args.res}px, {CLASSES} classes, fp32; jax {jax.__version__} "
         f"({jax.devices()[0].platform}), torch {theirs.torch.__version__}")
   print(thread_settings(theirs.torch))
+  print(f"our compiler_options: {opts}")
   print("our compile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
   for mode in ("train", "infer"):
     if mode not in modes:

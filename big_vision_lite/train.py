@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, flops, metrics, optim, pretrained, sharding
-from big_vision_lite import distributed, evaluators, models, tasks
+from big_vision_lite import distributed, evaluators, models, tasks, xla_options
 from big_vision_lite.data import ops as pp_ops, pipeline, sources
 from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.registry import UnknownNameError
@@ -234,7 +234,8 @@ def make_train_step(setup: Setup, grad_accum_steps: int):
   repl = sharding.replicated(setup.mesh)
   batch_sh = {k: sharding.batch_sharding(setup.mesh, v.ndim) for k, v in setup.example.items()}
   return jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh),
-                 out_shardings=(setup.state_shardings, repl), donate_argnums=(0,))
+                 out_shardings=(setup.state_shardings, repl), donate_argnums=(0,),
+                 compiler_options=xla_options.compiler_options())
 
 
 def _poison_fn(faults: list[tuple[str, int]]):
