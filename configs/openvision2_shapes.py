@@ -17,70 +17,23 @@
 # image tokens), keep_prob (shapes_caption attribute dropout; 1 = full captions), lr, workers.
 """OpenVision 2: small ViT; a random 35% of its tokens, projected, prefix a 2-layer caption decoder."""
 
-from big_vision_lite.config import ConfigDict, parse_arg
+import os
 
-MAX_LEN = 16  # longest caption is 13 words + eos
-# Zero-shot prompts: the captions' first four words, no end token (eos='none' in pp_txt), so
-# only "a <size> <colour> <shape>" is scored; a class's score is the log-sum-exp over the
-# 24 size/colour fillers (marginalising the attributes the class does not fix).
-TEMPLATES = [f"a {size} {color} {{}}"
-             for size in ("small", "medium", "large")
-             for color in ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")]
+from big_vision_lite.config import load_config, parse_arg
+
+_CAPPA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cappa_shapes.py")
 
 
 def get_config(arg=None):
   args = parse_arg(arg, steps=1200, batch=128, res=64, width=64, depth=4, dec_depth=2, heads=4,
                    patch=8, keep=0.35, keep_prob=1.0, lr=3e-3, workers=1)
-  c = ConfigDict()
-  c.seed = 0
-  c.total_steps = args.steps
-
-  img_pp = f"decode|resize({args.res})|value_range(-1, 1)"  # no flip_lr: captions say left/right
-  tok = f"tokenize({MAX_LEN}, model='bvl_shapes', key='caption', key_result='labels')"
-  drop = f"shapes_caption({args.keep_prob})|" if args.keep_prob < 1.0 else ""
-  c.input = ConfigDict()
-  c.input.data = dict(name="bvl_shapes", split="train")
-  c.input.batch_size = args.batch
-  c.input.num_workers = args.workers
-  c.input.pp = f"{img_pp}|{drop}{tok}|keep('image', 'labels')"
-  eval_pp = f"{img_pp}|{tok}|keep('image', 'labels')"
-
+  # Same data, encoder, decoder size, optimizer and evaluators as the CapPa config, so the two
+  # caption-only designs are compared on equal terms; only the model and the task differ.
+  c = load_config(f"{_CAPPA}:steps={args.steps},batch={args.batch},res={args.res},"
+                  f"width={args.width},depth={args.depth},dec_depth={args.dec_depth},"
+                  f"heads={args.heads},patch={args.patch},keep_prob={args.keep_prob},"
+                  f"lr={args.lr},workers={args.workers}")
   c.model_name = "openvision2"
-  c.model = dict(
-      image=dict(width=args.width, depth=args.depth, mlp_dim=args.width * 4, num_heads=args.heads,
-                 patch_size=(args.patch, args.patch), pool_type="gap", posemb="sincos2d"),
-      decoder=dict(width=args.width, depth=args.dec_depth, mlp_dim=args.width * 4,
-                   num_heads=args.heads),
-      vocab_size=64, max_len=MAX_LEN, keep_ratio=args.keep)
-  c.task = dict(name="captioning", tokenizer="bvl_shapes")
-
-  c.optax_name = "adamw"
-  c.lr = args.lr
-  c.wd = 1e-4
-  c.schedule = dict(warmup_steps=100, decay_type="cosine")
-  c.grad_clip_norm = 1.0
-
-  c.evals = shapes_caption_evals(img_pp, eval_pp, every=400)
-  c.log_training_steps = 50
-  c.ckpt_steps = 400
+  c.model.keep_ratio = args.keep
+  c.task = dict(name="captioning", tokenizer="bvl_shapes")  # no parallel prediction
   return c
-
-
-def shapes_caption_evals(img_pp: str, eval_pp: str, every: int) -> dict:
-  """Perplexity, greedy samples and the scoring classifier every `every` steps; probe at the end."""
-  val = dict(name="bvl_shapes", split="validation")
-  label_pp = f"{img_pp}|keep('image', 'label')"
-  return dict(
-      perplexity=dict(type="caption_perplexity", data=dict(name="bvl_shapes", split="validation[:1000]"),
-                      pp=eval_pp, log_steps=every, batch_size=250),
-      samples=dict(type="caption_samples", data=val, pp=eval_pp, num_samples=200, log_steps=every,
-                   batch_size=200),
-      scoring=dict(type="scoring_classifier", data=dict(name="bvl_shapes", split="validation[:500]"),
-                   pp=label_pp,
-                   pp_txt=f"tokenize({MAX_LEN}, model='bvl_shapes', key='texts', key_result='labels', "
-                          "eos='none')",
-                   templates=TEMPLATES, log_steps=every, batch_size=250),
-      probe=dict(type="linear_probe", train_data=dict(name="bvl_shapes", split="train[:1000]"),
-                 train_pp=label_pp, data=val, pp=label_pp, num_classes=8, shots=[1, 5, 10],
-                 log_steps=0, batch_size=256),
-  )
