@@ -25,10 +25,12 @@ def test_config_header_states_command_and_expected_result(path):
     ("vit_i1k.py:variant=B/16,res=224", 224, 1000),
     ("vit_i1k.py:variant=Ti/16,res=128", 128, 1000),
     ("vit_shapes.py", 32, 8),
+    ("vmoe_i1k.py", 224, 1000),
+    ("vmoe_i21k.py:ep=8", 224, 21843),
 ])
 def test_recipe_builds(spec, res, classes, tmp_path):
   config = config_lib.load_config(os.path.join(ROOT, "configs", spec))
-  if config.input.data.name == "imagenet2012":
+  if config.input.data.name in ("imagenet2012", "imagenet21k"):
     config.input.data.data_dir = str(tmp_path)
     for ev in config.evals.values():
       ev.data.data_dir = str(tmp_path)
@@ -42,6 +44,9 @@ def test_recipe_builds(spec, res, classes, tmp_path):
     assert 86e6 < n_params < 87.5e6  # ViT-B/16 with a 1000-way head (+ pre-logits)
   elif spec == "vit_i1k.py":
     assert 21.5e6 < n_params < 22.5e6  # ViT-S/16
+  elif spec.startswith("vmoe_i1k"):
+    # V-MoE B/16, E=8 every 2nd block: 6 MoE MLPs of 8 x 4.7M plus the dense rest (~86.6M).
+    assert 280e6 < n_params < 310e6, n_params
   assert flops.model_forward_flops(setup.model, example) > 0
 
 
