@@ -14,7 +14,7 @@ from big_vision_lite.config import ConfigError
 from big_vision_lite.data import ops as pp_ops, pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
 from big_vision_lite.evaluators.retrieval import collect
-from big_vision_lite.evaluators.zero_shot import DEFAULT_TEMPLATES, _builtin_class_names
+from big_vision_lite.evaluators.zero_shot import prompt_settings
 
 
 def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -36,20 +36,9 @@ class ScoringClassifierEvaluator(Evaluator):
 
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
-    for key in ("data", "pp", "pp_txt"):
-      if key not in config:
-        raise ConfigError(f"config.evals.{name}.{key}: missing")
+    self.class_names, self.templates, self.label_key = prompt_settings(name, config)
     if not hasattr(self.task, "score_classes"):
       raise ConfigError(f"config.evals.{name}.type: scoring_classifier needs task 'captioning'")
-    names = config.get("class_names", None) or _builtin_class_names(config.data)
-    if not names:
-      raise ConfigError(f"config.evals.{name}.class_names: missing (only bvl_shapes has defaults)")
-    self.class_names = tuple(names)
-    self.templates = tuple(config.get("templates", None) or DEFAULT_TEMPLATES)
-    bad = [t for t in self.templates if "{}" not in t]
-    if bad:
-      raise ConfigError(f"config.evals.{name}.templates: {bad[0]!r} has no '{{}}' for the class name")
-    self.label_key = config.get("label_key", "label")
     pp_txt = pp_ops.get_preprocess_fn(config.pp_txt)
     key = self.task.text_key
     prompts = [t.format(c) for c in self.class_names for t in self.templates]

@@ -21,6 +21,24 @@ def _builtin_class_names(data_config) -> tuple[str, ...] | None:
   return None
 
 
+
+def prompt_settings(name: str, config) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+  """(class_names, templates, label_key) of a class-name-prompt evaluator; checks its keys.
+
+  Shared by zero_shot (embedding similarity) and scoring_classifier (caption likelihood).
+  """
+  for key in ("data", "pp", "pp_txt"):
+    if key not in config:
+      raise ConfigError(f"config.evals.{name}.{key}: missing")
+  names = config.get("class_names", None) or _builtin_class_names(config.data)
+  if not names:
+    raise ConfigError(f"config.evals.{name}.class_names: missing (only bvl_shapes has defaults)")
+  templates = tuple(config.get("templates", None) or DEFAULT_TEMPLATES)
+  bad = [t for t in templates if "{}" not in t]
+  if bad:
+    raise ConfigError(f"config.evals.{name}.templates: {bad[0]!r} has no '{{}}' for the class name")
+  return tuple(names), templates, config.get("label_key", "label")
+
 @EVALUATORS.register("zero_shot")
 class ZeroShotEvaluator(Evaluator):
   """Reports `<name>/accuracy`.
@@ -35,18 +53,7 @@ class ZeroShotEvaluator(Evaluator):
 
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
-    for key in ("data", "pp", "pp_txt"):
-      if key not in config:
-        raise ConfigError(f"config.evals.{name}.{key}: missing")
-    names = config.get("class_names", None) or _builtin_class_names(config.data)
-    if not names:
-      raise ConfigError(f"config.evals.{name}.class_names: missing (only bvl_shapes has defaults)")
-    self.class_names = tuple(names)
-    self.templates = tuple(config.get("templates", None) or DEFAULT_TEMPLATES)
-    bad = [t for t in self.templates if "{}" not in t]
-    if bad:
-      raise ConfigError(f"config.evals.{name}.templates: {bad[0]!r} has no '{{}}' for the class name")
-    self.label_key = config.get("label_key", "label")
+    self.class_names, self.templates, self.label_key = prompt_settings(name, config)
     self.pp_txt = pp_ops.get_preprocess_fn(config.pp_txt)
     self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
                                             config_key=f"config.evals.{name}")
