@@ -12,6 +12,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from big_vision_lite import sharding, xla_options
 from big_vision_lite.registry import Registry
 from big_vision_lite.config import ConfigError
 
@@ -36,6 +37,11 @@ class Evaluator:
     self.batch_size = int(config.get("batch_size", default_batch_size))
     self.log_steps = int(config.get("log_steps", 0))
     self.total_steps = total_steps
+
+  def jit(self, fn):
+    """jax.jit for an eval step: replicated outputs, the backend's compile options (xla_options)."""
+    return jax.jit(fn, out_shardings=sharding.replicated(self.mesh),
+                   compiler_options=xla_options.compiler_options())
 
   def should_run(self, step: int) -> bool:
     return step == self.total_steps or (self.log_steps > 0 and step % self.log_steps == 0)

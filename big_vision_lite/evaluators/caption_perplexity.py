@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite import sharding, xla_options
+from big_vision_lite import sharding
 from big_vision_lite.config import ConfigError
 from big_vision_lite.data import pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
@@ -38,8 +38,7 @@ class CaptionPerplexityEvaluator(Evaluator):
       m = batch["_mask"].astype(jnp.float32)
       return {"nll": jnp.sum(nll * m), "count": jnp.sum(count * m), "correct": jnp.sum(correct * m)}
 
-    self._step = jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh),
-                         compiler_options=xla_options.compiler_options())
+    self._step = self.jit(eval_step)
 
   def run(self, params):
     tot = {"nll": 0.0, "count": 0.0, "correct": 0.0}

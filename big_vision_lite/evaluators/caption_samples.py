@@ -47,8 +47,7 @@ class CaptionSamplesEvaluator(Evaluator):
     self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
                                             config_key=f"config.evals.{name}")
     gen, key, beam = self.task.generate, self.task.image_key, self.beam_size
-    self._step = jax.jit(lambda params, batch: gen(params, batch[key], beam),
-                         out_shardings=sharding.replicated(self.mesh))
+    self._step = self.jit(lambda params, batch: gen(params, batch[key], beam))
     self.runs = 0
 
   def run(self, params):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite import losses, sharding, xla_options
+from big_vision_lite import losses, sharding
 from big_vision_lite.data import pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
 from big_vision_lite.config import ConfigError
@@ -35,8 +35,7 @@ class ClassificationEvaluator(Evaluator):
       loss = losses.softmax_xent(logits, labels)
       return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
 
-    self._step = jax.jit(eval_step, out_shardings=sharding.replicated(self.mesh),
-                         compiler_options=xla_options.compiler_options())
+    self._step = self.jit(eval_step)
 
   def run(self, params):
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}

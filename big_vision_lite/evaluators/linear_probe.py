@@ -6,10 +6,8 @@ W = (X^T X + l2 I)^-1 X^T Y (Y = +-1 one-hot), and test accuracy is reported.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from big_vision_lite import sharding, xla_options
 from big_vision_lite.config import ConfigError
 from big_vision_lite.data import pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
@@ -68,8 +66,7 @@ class LinearProbeEvaluator(Evaluator):
     self.test = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
                                             config_key=f"config.evals.{name}")
     predict = self.task.predict_fns()[config.get("predict", "img_features")]
-    self._step = jax.jit(predict, out_shardings=sharding.replicated(self.mesh),
-                         compiler_options=xla_options.compiler_options())
+    self._step = self.jit(predict)
 
   def _features(self, params, data):
     x, kept = collect(self._step, params, data, self.mesh, keep=(self.label_key,))

@@ -59,8 +59,7 @@ class RetrievalEvaluator(Evaluator):
     self.ks = tuple(int(k) for k in config.get("ks", (1, 5, 10)))
     self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
                                             config_key=f"config.evals.{name}")
-    self._step = jax.jit(self.task.predict_fns()["embed_both"],
-                         out_shardings=sharding.replicated(self.mesh))
+    self._step = self.jit(self.task.predict_fns()["embed_both"])
 
   def run(self, params):
     text_key = self.task.text_key

@@ -45,11 +45,9 @@ class ScoringClassifierEvaluator(Evaluator):
     self.class_tokens = np.stack([np.asarray(pp_txt({"texts": p}, None)[key]) for p in prompts])
     self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
                                             config_key=f"config.evals.{name}")
-    repl = sharding.replicated(self.mesh)
     score = self.task.score_classes
     self._tokens = None
-    self._step = jax.jit(lambda params, batch, toks: score(params, batch[self.task.image_key], toks),
-                         out_shardings=repl)
+    self._step = self.jit(lambda params, batch, toks: score(params, batch[self.task.image_key], toks))
 
   def run(self, params):
     toks = jax.device_put(self.class_tokens, sharding.replicated(self.mesh))

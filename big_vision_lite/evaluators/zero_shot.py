@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from big_vision_lite import sharding, xla_options
+from big_vision_lite import sharding
 from big_vision_lite.config import ConfigError
 from big_vision_lite.data import ops as pp_ops, pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
@@ -58,10 +58,8 @@ class ZeroShotEvaluator(Evaluator):
     self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
                                             config_key=f"config.evals.{name}")
     fns = self.task.predict_fns()
-    repl = sharding.replicated(self.mesh)
-    opts = xla_options.compiler_options()
-    self._img = jax.jit(fns["embed_image"], out_shardings=repl, compiler_options=opts)
-    self._txt = jax.jit(fns["embed_text"], out_shardings=repl, compiler_options=opts)
+    self._img = self.jit(fns["embed_image"])
+    self._txt = self.jit(fns["embed_text"])
 
   def class_embeddings(self, params) -> np.ndarray:
     """(num_classes, D) L2-normalised mean prompt embeddings."""
