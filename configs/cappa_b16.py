@@ -16,32 +16,20 @@
 """CapPa recipe: ViT-B/16 at 224, decoder 6 x 768, max_len 64 (eos sticky), parallel 0.75, batch 8192."""
 
 from big_vision_lite.config import ConfigDict, ConfigError, parse_arg
+from big_vision_lite.recipes import image_text_input
 
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="B/16", res=224, batch=8192, steps=0, data="tar", files="", data_dir="",
                    split="train", text_key="caption", spm="", vocab=32_000, text_len=64, parallel=0.75,
                    dec_depth=6, opt="adafactor")
-  if not args.spm:
-    raise ConfigError("config arg spm: give a local sentencepiece .model file (e.g. spm=/data/c4_en.model)")
   if args.opt not in ("adafactor", "adamw"):
     raise ConfigError(f"config arg opt: {args.opt!r} is not adafactor or adamw")
   c = ConfigDict()
   c.seed = 0
   c.total_steps = args.steps or 100_000  # set steps= for your data size
 
-  c.input = ConfigDict()
-  c.input.data = dict(name=args.data, split=args.split)
-  if args.data in ("tar", "array_record"):
-    c.input.data.files = args.files
-  else:
-    c.input.data.data_dir = args.data_dir
-  c.input.batch_size = args.batch
-  c.input.num_workers = 8
-  tok = (f"tokenize({args.text_len}, model={args.spm!r}, key={args.text_key!r}, key_result='labels', "
-         "eos='sticky')")
-  # No flip: captions may say left/right.
-  c.input.pp = f"decode|resize({args.res})|value_range(-1, 1)|{tok}|keep('image', 'labels')"
+  c.input = image_text_input(args, args.res)
 
   c.model_name = "cappa"
   c.model = dict(

@@ -18,6 +18,7 @@
 """OpenVision 2 recipe: ViT-L/14, projected kept image tokens prefix a caption decoder; stage 1 low res, stage 2 224 px."""
 
 from big_vision_lite.config import ConfigDict, ConfigError, parse_arg
+from big_vision_lite.recipes import image_text_input
 
 
 def get_config(arg=None):
@@ -26,8 +27,6 @@ def get_config(arg=None):
                    text_len=64, dec_depth=6)
   if args.stage not in (1, 2):
     raise ConfigError(f"config arg stage: {args.stage} is not 1 or 2")
-  if not args.spm:
-    raise ConfigError("config arg spm: give a local sentencepiece .model file (e.g. spm=/data/c4_en.model)")
   res = args.res or (84 if args.stage == 1 else 224)
   patch = int(args.variant.partition("/")[2] or 0)
   if not patch or res % patch:
@@ -40,17 +39,7 @@ def get_config(arg=None):
   # Most of the training is stage 1; stage 2 is short. Set steps= for your data.
   c.total_steps = args.steps or (100_000 if args.stage == 1 else 10_000)
 
-  c.input = ConfigDict()
-  c.input.data = dict(name=args.data, split=args.split)
-  if args.data in ("tar", "array_record"):
-    c.input.data.files = args.files
-  else:
-    c.input.data.data_dir = args.data_dir
-  c.input.batch_size = args.batch
-  c.input.num_workers = 8
-  tok = (f"tokenize({args.text_len}, model={args.spm!r}, key={args.text_key!r}, key_result='labels', "
-         "eos='sticky')")
-  c.input.pp = f"decode|resize({res})|value_range(-1, 1)|{tok}|keep('image', 'labels')"  # no flip: captions
+  c.input = image_text_input(args, res)
 
   c.model_name = "openvision2"
   c.model = dict(

@@ -12,6 +12,7 @@
 """SigLIP recipe: ViT image tower (map pooling) + text transformer (last-token pooling), text length 64, t=log 10, b=-10."""
 
 from big_vision_lite.config import ConfigDict, ConfigError, parse_arg
+from big_vision_lite.recipes import image_text_input
 
 
 def get_config(arg=None):
@@ -27,19 +28,7 @@ def get_config(arg=None):
   if not args.steps and not args.epochs:
     c.total_steps = 10_000  # override with steps=/epochs=
 
-  if not args.spm:
-    raise ConfigError("config arg spm: give a local sentencepiece .model file (e.g. spm=/data/c4_en.model)")
-  c.input = ConfigDict()
-  c.input.data = dict(name=args.data, split=args.split)
-  if args.data in ("tar", "array_record"):
-    c.input.data.files = args.files
-  else:
-    c.input.data.data_dir = args.data_dir
-  c.input.batch_size = args.batch
-  c.input.num_workers = 8
-  tok = f"tokenize({args.text_len}, model={args.spm!r}, key={args.text_key!r}, key_result='labels', eos='sticky')"
-  # No flip: captions may say left/right.
-  c.input.pp = f"decode|resize({res})|value_range(-1, 1)|{tok}|keep('image', 'labels')"
+  c.input = image_text_input(args, res)
 
   c.model_name = "two_towers"
   c.model = dict(

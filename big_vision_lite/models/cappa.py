@@ -42,12 +42,10 @@ def decoder_kwargs(decoder: Any, image_width: int, vocab_size: int, max_len: int
   return dict(vocab_size=vocab_size, max_len=max_len, **kw)
 
 
-class CapPa(nn.Module):
-  """`__call__(image, text, *, parallel=None, train=False) -> (logits (B, L, V), out)`.
-
-  `text` are target tokens (B, L); the decoder sees them shifted right (pad id 0 as
-  BOS). `parallel` (B,) bool selects parallel prediction ([MASK] inputs, full mask).
-  """
+class Captioner(nn.Module):
+  """What CapPa and OpenVision 2 share: an image ViT (`img`) whose tokens condition a text
+  decoder (`decoder_module`). Subclasses define `setup`, `decode_text`, `init_cache`,
+  `prefill` and `extend`."""
   image: Any = None     # ViT kwargs (may hold variant="B/16")
   decoder: Any = None   # decoder kwargs: width, depth, mlp_dim, num_heads, dropout, dtype_mm
   vocab_size: int = 32_000
@@ -57,16 +55,39 @@ class CapPa(nn.Module):
     return decoder_kwargs(self.decoder, vit_kwargs(self.image).get("width", 768),
                           self.vocab_size, self.max_len)
 
+  def _empty_cache(self, batch_size: int, length: int) -> dict:
+    kw = self._dec_kw()
+    return dec_lib.init_cache(batch_size, length, width=kw["width"], depth=kw["depth"],
+                              num_heads=kw["num_heads"], dtype_mm=kw.get("dtype_mm", "float32"))
+
+  def encode(self, image: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(all image tokens (B, N, D) after the encoder norm, pooled features (B, D))."""
+    _, out = self.img(image, train=train)
+    tokens = out["encoded"]
+    return tokens, out.get("head_input", jnp.mean(tokens, axis=1))
+
+  def __call__(self, image, text, *, parallel=None, train: bool = False):
+    tokens, features = self.encode(image, train=train)
+    logits = self.decode_text(tokens, text, parallel=parallel, train=train)
+    return logits, {"features": features, "image_tokens": tokens}
+
+  def step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """tokens (B, 1): the previous output -> logits (B, V) of the next one."""
+    logits, cache = self.extend(tokens, cache)
+    return logits[:, -1], cache
+
+
+class CapPa(Captioner):
+  """`__call__(image, text, *, parallel=None, train=False) -> (logits (B, L, V), out)`.
+
+  `text` are target tokens (B, L); the decoder sees them shifted right (pad id 0 as
+  BOS). `parallel` (B,) bool selects parallel prediction ([MASK] inputs, full mask).
+  """
+
   def setup(self):
     self.img = vit_lib.vit(**vit_kwargs(self.image))
     self.decoder_module = dec_lib.Decoder(cross=True, mask_token=True, name="decoder",
                                           **self._dec_kw())
-
-  def encode(self, image: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(image tokens (B, N, D) after the encoder norm, pooled features (B, D))."""
-    _, out = self.img(image, train=train)
-    tokens = out["encoded"]
-    return tokens, out.get("head_input", jnp.mean(tokens, axis=1))
 
   def decode_text(self, image_tokens: jax.Array, text: jax.Array, *, parallel=None,
                   train: bool = False) -> jax.Array:
@@ -75,28 +96,16 @@ class CapPa(nn.Module):
                                     train=train)
     return logits
 
-  def __call__(self, image, text, *, parallel=None, train: bool = False):
-    tokens, features = self.encode(image, train=train)
-    logits = self.decode_text(tokens, text, parallel=parallel, train=train)
-    return logits, {"features": features, "image_tokens": tokens}
-
   # --- cached decoding: prefill with the BOS token, then one token per step.
 
   def init_cache(self, batch_size: int, num_image_tokens: int) -> dict:
     del num_image_tokens  # cross-attention keys are cached at prefill, not in slots
-    kw = self._dec_kw()
-    return dec_lib.init_cache(batch_size, self.max_len, width=kw["width"], depth=kw["depth"],
-                              num_heads=kw["num_heads"], dtype_mm=kw.get("dtype_mm", "float32"))
+    return self._empty_cache(batch_size, self.max_len)
 
   def prefill(self, image_tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Logits (B, V) of the first token, and the cache with the image keys/values."""
     bos = jnp.zeros((image_tokens.shape[0], 1), jnp.int32)
     logits, cache = self.decoder_module(bos, image_tokens, cache=cache)
-    return logits[:, -1], cache
-
-  def step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-    """tokens (B, 1): the previous output -> logits (B, V) of the next one."""
-    logits, cache = self.extend(tokens, cache)
     return logits[:, -1], cache
 
   def extend(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:

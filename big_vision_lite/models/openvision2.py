@@ -9,7 +9,6 @@ Same methods as models/cappa.py's CapPa, so tasks/captioning.py drives both.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 from big_vision_lite.models import MODELS
 from big_vision_lite.models import decoder as dec_lib
 from big_vision_lite.models import vit as vit_lib
-from big_vision_lite.models.cappa import decoder_kwargs, vit_kwargs
+from big_vision_lite.models.cappa import Captioner, vit_kwargs
 from big_vision_lite.models.common import part
 
 
@@ -37,21 +36,13 @@ def keep_tokens(x: jax.Array, rng: jax.Array, keep_ratio: float) -> tuple[jax.Ar
   return jnp.take_along_axis(x, idx[:, :, None], axis=1), idx
 
 
-class OpenVision2(nn.Module):
+class OpenVision2(Captioner):
   """`__call__(image, text, *, train=False) -> (logits (B, L, V), out)`.
 
   `keep_ratio` (0 < r <= 1): in training each example keeps round(N * r) random image
   tokens (rng stream "keep"); evaluation always uses all of them.
   """
-  image: Any = None
-  decoder: Any = None
-  vocab_size: int = 32_000
-  max_len: int = 64
   keep_ratio: float = 1.0
-
-  def _dec_kw(self) -> dict[str, Any]:
-    return decoder_kwargs(self.decoder, vit_kwargs(self.image).get("width", 768),
-                          self.vocab_size, self.max_len)
 
   def setup(self):
     if not 0.0 < self.keep_ratio <= 1.0:
@@ -62,12 +53,6 @@ class OpenVision2(nn.Module):
                              kernel_init=part(nn.initializers.lecun_normal(), (None, "embed")),
                              bias_init=part(nn.initializers.zeros, ("embed",)))
     self.decoder_module = dec_lib.Decoder(cross=False, mask_token=False, name="decoder", **kw)
-
-  def encode(self, image: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(all image tokens (B, N, D), pooled features (B, D))."""
-    _, out = self.img(image, train=train)
-    tokens = out["encoded"]
-    return tokens, out.get("head_input", jnp.mean(tokens, axis=1))
 
   def visual_prefix(self, image_tokens: jax.Array, train: bool = False) -> jax.Array:
     """Token keeping (training only) then the projection into the decoder."""
@@ -83,25 +68,13 @@ class OpenVision2(nn.Module):
     logits, _ = self.decoder_module(dec_lib.shift_right(text), prefix=prefix, train=train)
     return logits
 
-  def __call__(self, image, text, *, parallel=None, train: bool = False):
-    tokens, features = self.encode(image, train=train)
-    logits = self.decode_text(tokens, text, parallel=parallel, train=train)
-    return logits, {"features": features, "image_tokens": tokens}
-
   def init_cache(self, batch_size: int, num_image_tokens: int) -> dict:
-    kw = self._dec_kw()
-    return dec_lib.init_cache(batch_size, num_image_tokens + self.max_len, width=kw["width"],
-                              depth=kw["depth"], num_heads=kw["num_heads"],
-                              dtype_mm=kw.get("dtype_mm", "float32"))
+    return self._empty_cache(batch_size, num_image_tokens + self.max_len)
 
   def prefill(self, image_tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Writes [image tokens, BOS] into the cache; logits (B, V) of the first caption token."""
     bos = jnp.zeros((image_tokens.shape[0], 1), jnp.int32)
     logits, cache = self.decoder_module(bos, prefix=self.visual_prefix(image_tokens), cache=cache)
-    return logits[:, -1], cache
-
-  def step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-    logits, cache = self.extend(tokens, cache)
     return logits[:, -1], cache
 
   def extend(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
