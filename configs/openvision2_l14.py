@@ -12,8 +12,8 @@
 # data=tar|array_record|<tfds name>, files, data_dir, split, text_key, spm, vocab, text_len, dec_depth.
 # Expected (paper, OpenVision 2, as recorded in FACTS.md; not reproduced here): versus OpenVision
 # (contrastive + caption) at ViT-L/14, training time 83 h -> 57 h (~1.5x) and memory 24.5 GB -> 13.8 GB
-# (~1.8x), allowing batch 2k -> 8k. On CPU, benchmarks/openvision2_vs_ov1.py measures 1.66x step time
-# and 1.22x compiled peak memory at an 84-px-like setting (see the README). This recipe has NOT been
+# (~1.8x), allowing batch 2k -> 8k. On CPU, benchmarks/openvision2_vs_ov1.py measures 1.39x step time
+# and 1.45x compiled peak memory against the two-caption OV1 step at an 84-px-like setting (README). This recipe has NOT been
 # run at scale in this project: only loaded and built abstractly at full size (tests/test_configs.py).
 """OpenVision 2 recipe: ViT-L/14, projected kept image tokens prefix a caption decoder; stage 1 low res, stage 2 224 px."""
 
