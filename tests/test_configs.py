@@ -76,3 +76,24 @@ def test_captioning_recipe_builds_at_full_size(spec, res, n_range, tmp_path):
     assert config.model_init == ("/ckpt/stage1" if "stage=2" in spec else "")
   else:
     assert config.task.parallel_fraction == 0.75 and config.input.batch_size == 8192
+
+
+@pytest.mark.parametrize("spec", ["siglip_b16.py:files=/d/*.tar", "cappa_b16.py:files=/d/*.tar",
+                                  "openvision2_l14.py:stage=1,files=/d/*.tar"])
+def test_image_text_recipes_need_a_local_tokenizer(spec):
+  with pytest.raises(config_lib.ConfigError, match="config arg spm"):
+    config_lib.load_config(os.path.join(ROOT, "configs", spec))
+
+
+def test_image_text_input_reads_tar_or_tfds():
+  from big_vision_lite.recipes import image_text_input
+  args = config_lib.parse_arg("data=tar,files=/d/*.tar,spm=/m.model", data="", files="", data_dir="",
+                              split="train", batch=8, text_key="caption", text_len=64, spm="")
+  inp = image_text_input(args, 224)
+  assert inp.data.to_dict() == {"name": "tar", "split": "train", "files": "/d/*.tar"}
+  assert inp.batch_size == 8 and inp.pp.startswith("decode|resize(224)|") and "flip" not in inp.pp
+  assert "tokenize(64, model='/m.model', key='caption'" in inp.pp
+  args = config_lib.parse_arg("data=coco_captions,data_dir=/tfds,spm=/m.model", data="", files="",
+                              data_dir="", split="train", batch=8, text_key="caption", text_len=64, spm="")
+  assert image_text_input(args, 84).data.to_dict() == {"name": "coco_captions", "split": "train",
+                                                      "data_dir": "/tfds"}
