@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from big_vision_lite.config import ConfigError
 from big_vision_lite.registry import Registry
 
 TASKS = Registry("task", "big_vision_lite.tasks")
@@ -24,10 +25,18 @@ class Task:
 
   # Keys every training batch must carry (checked on the first batch).
   required_keys: tuple[str, ...] = ()
+  # The `config.task` keys the task reads besides "name"; any other key is refused.
+  config_keys: tuple[str, ...] = ()
 
   def __init__(self, config: ml_collections.ConfigDict, model: nn.Module):
     self.config = config
     self.model = model
+    allowed = {"name", *self.config_keys}
+    unknown = set(config.keys()) - allowed
+    if unknown:
+      name = config.get("name", type(self).__name__.lower())
+      raise ConfigError(f"config.task.{sorted(unknown)[0]}: unknown key for task {name!r} "
+                        f"(allowed: {sorted(allowed)})")
 
   def init_inputs(self, batch: Batch) -> tuple[Any, ...]:
     """Positional model inputs used to initialise parameters."""

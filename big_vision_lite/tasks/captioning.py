@@ -38,13 +38,10 @@ class Captioning(Task):
   ('labels', target tokens from the `tokenize` op), tokenizer ('bvl_shapes': pad and end ids,
   and the text of generated captions)."""
 
+  config_keys = ("parallel_fraction", "image_key", "text_key", "tokenizer")
+
   def __init__(self, config: ml_collections.ConfigDict, model):
     super().__init__(config, model)
-    allowed = {"name", "parallel_fraction", "image_key", "text_key", "tokenizer"}
-    unknown = set(config.keys()) - allowed
-    if unknown:
-      raise ConfigError(f"config.task.{sorted(unknown)[0]}: unknown key for task 'captioning' "
-                       f"(allowed: {sorted(allowed)})")
     for method in ("encode", "decode_text", "init_cache", "prefill", "step", "extend"):
       if not hasattr(model, method):
         raise ConfigError(f"config.model_name: task 'captioning' needs a captioning model "

@@ -20,14 +20,10 @@ class Classification(Task):
   """Config (`config.task`): loss ('softmax_xent' | 'sigmoid_xent'), mixup (Beta p, 0 = off)."""
 
   required_keys = ("image", "labels")
+  config_keys = ("loss", "mixup")
 
   def __init__(self, config: ml_collections.ConfigDict, model):
     super().__init__(config, model)
-    allowed = {"name", "loss", "mixup"}
-    unknown = set(config.keys()) - allowed
-    if unknown:
-      raise ConfigError(f"config.task.{sorted(unknown)[0]}: unknown key for task 'classification' "
-                       f"(allowed: {sorted(allowed)})")
     self.loss_name = config.get("loss", "softmax_xent")
     if self.loss_name not in _LOSSES:
       raise ConfigError(f"config.task.loss: {self.loss_name!r} is not one of {sorted(_LOSSES)}")

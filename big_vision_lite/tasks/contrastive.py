@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from big_vision_lite import contrastive_loss
@@ -24,13 +23,10 @@ class Contrastive(Task):
   """Config (`config.task`): loss ('sigmoid' | 'softmax'), chunked (sigmoid only: ring loss
   across the batch devices, default True), image_key ('image'), text_key ('labels')."""
 
+  config_keys = ("loss", "chunked", "image_key", "text_key")
+
   def __init__(self, config: ml_collections.ConfigDict, model):
     super().__init__(config, model)
-    allowed = {"name", "loss", "chunked", "image_key", "text_key"}
-    unknown = set(config.keys()) - allowed
-    if unknown:
-      raise ConfigError(f"config.task.{sorted(unknown)[0]}: unknown key for task 'contrastive' "
-                       f"(allowed: {sorted(allowed)})")
     self.loss_name = config.get("loss", "sigmoid")
     if self.loss_name not in LOSSES:
       raise ConfigError(f"config.task.loss: {self.loss_name!r} is not one of {LOSSES}")
