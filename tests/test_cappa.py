@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from big_vision_lite import config as config_lib, decoding, models, train
+from big_vision_lite import config as config_lib, decoding, models, pretrained, train
+from big_vision_lite.convert.tables import nest
 from big_vision_lite.models import decoder as dec
 from big_vision_lite.tasks.captioning import Captioning
 from big_vision_lite.tools import extract_encoder
@@ -212,24 +213,11 @@ def test_cappa_end_to_end_learns_and_exports_encoder(tmp_path):
   # The export is a plain ViT: it loads into one and reproduces the captioner's image features.
   kw = json.load(open(tmp_path / "enc.json"))["model"]
   vit = models.get_model("vit", **kw)
-  tree = {}
-  for k, v in flat.items():
-    node = tree
-    *path, leaf = k.split("/")
-    for p in path:
-      node = node.setdefault(p, {})
-    node[leaf] = v
+  tree = nest(flat)
   img = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
   feats = vit.apply({"params": tree}, img)[0]
-  from big_vision_lite import pretrained
   full = pretrained.read_params(str(tmp_path / "run"))
-  ftree = {}
-  for k, v in full.items():
-    node = ftree
-    *path, leaf = k.split("/")
-    for p in path:
-      node = node.setdefault(p, {})
-    node[leaf] = v
+  ftree = nest(full)
   model = models.get_model("cappa", **caption_config("cappa").model.to_dict())
   _, want = model.apply({"params": ftree}, img, method="encode")
   np.testing.assert_allclose(np.asarray(feats), np.asarray(want), rtol=1e-5, atol=1e-5)
