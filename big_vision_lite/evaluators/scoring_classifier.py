@@ -17,11 +17,6 @@ from big_vision_lite.evaluators.retrieval import collect
 from big_vision_lite.evaluators.zero_shot import prompt_settings
 
 
-def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-  m = np.max(x, axis=axis, keepdims=True)
-  return np.squeeze(m, axis) + np.log(np.sum(np.exp(x - m), axis=axis))
-
-
 @EVALUATORS.register("scoring_classifier")
 class ScoringClassifierEvaluator(Evaluator):
   """Reports `<name>/accuracy`.
@@ -43,20 +38,20 @@ class ScoringClassifierEvaluator(Evaluator):
     key = self.task.text_key
     prompts = [t.format(c) for c in self.class_names for t in self.templates]
     self.class_tokens = np.stack([np.asarray(pp_txt({"texts": p}, None)[key]) for p in prompts])
+    self._class_tokens = jax.device_put(self.class_tokens, sharding.replicated(self.mesh))
     self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
                                             config_key=f"config.evals.{name}")
     score = self.task.score_classes
-    self._tokens = None
     self._step = self.jit(lambda params, batch, toks: score(params, batch[self.task.image_key], toks))
 
   def run(self, params):
-    toks = jax.device_put(self.class_tokens, sharding.replicated(self.mesh))
-    step = lambda p, b: self._step(p, b, toks)
+    step = lambda p, b: self._step(p, b, self._class_tokens)
     scores, kept = collect(step, params, self.data, self.mesh, keep=(self.label_key,))
     labels = kept[self.label_key]
     if labels.ndim == 2:
       labels = labels.argmax(axis=-1)
-    per_class = logsumexp(scores.reshape(len(scores), len(self.class_names), len(self.templates)), 2)
+    per_class = np.logaddexp.reduce(
+        scores.reshape(len(scores), len(self.class_names), len(self.templates)), axis=2)
     pred = np.argmax(per_class, axis=1)
     return {f"{self.name}/accuracy": float(np.mean(pred == labels)),
             f"{self.name}/examples": len(scores)}
