@@ -37,11 +37,14 @@ log = logging.getLogger("big_vision_lite")
 PREEMPTED_EXIT_CODE = 75
 
 
-_FAULT_KINDS = ("kill", "term", "nan", "spike")
+_FAULT_KINDS = ("kill", "term", "nan", "spike", "slow")
+# slow@N: seconds slept after each step from N on, like a real step's length, so the
+# multi-process preemption test does not finish before JAX's sync point is agreed.
+_SLOW_STEP_S = 0.5
 
 
 def _faults() -> list[tuple[str, int]]:
-  """Parses the test hook BVL_FAULT="kind@N[,kind@N...]" (kinds: kill, term, nan, spike)."""
+  """Parses the test hook BVL_FAULT="kind@N[,kind@N...]" (kinds: kill, term, nan, spike, slow)."""
   out = []
   for item in os.environ.get("BVL_FAULT", "").split(","):
     if item.strip():
@@ -56,12 +59,15 @@ def _inject_fault(step: int) -> None:
   """Test hook: kill@N / term@N send SIGKILL / SIGTERM to this process after step N.
 
   Called right after step N's checkpoint save was issued, so a kill can land
-  while an async write is still in flight. (nan@N / spike@N are applied inside
-  the train step, see make_train_step.) Never set in normal runs.
+  while an async write is still in flight; slow@N sleeps after every step from N
+  on. (nan@N / spike@N are applied inside the train step, see make_train_step.)
+  Never set in normal runs.
   """
   for kind, at in _faults():
     if at == step and kind in ("kill", "term"):
       os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM}[kind])
+    if kind == "slow" and step >= at:
+      time.sleep(_SLOW_STEP_S)
 
 
 class Preempted(Exception):
@@ -363,8 +369,12 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bo
           f"--config.allow_config_change=True to resume anyway, or --overwrite to start over")
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    # Write then rename: the other processes read this file above at the same time,
+    # and a truncated file would read as an empty (unparseable) config.
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, path)
 
 
 def _guard_status(state) -> tuple[int, int, int]:
