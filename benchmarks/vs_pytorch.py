@@ -1,20 +1,35 @@
 """Our ViT (JAX) vs timm's ViT (PyTorch) on this machine: images/s of a training step and a forward.
 
     python benchmarks/vs_pytorch.py [--variant S] [--batch 32] [--infer_batch 64] [--steps 5]
-                                    [--mode train|infer|both] [--res 224]
-                                    [--cpu_dots eigen|default]
+                                    [--block 2] [--mode train|infer|both] [--res 224]
+                                    [--cpu_dots eigen|default] [--malloc default|hugepages]
 
 Ours is the trainer's real step (train.build + make_train_step: forward, backward,
 grad clip, AdamW, metrics) and a jitted `model.apply` for the forward; timm's is
 `vit_<variant>_patch16_224` with torch.optim.AdamW and clip_grad_norm_ (train) and
 `inference_mode` (forward). Both are fp32, 1000 classes, class-token pooling (197
-tokens, as timm's model), compiled/warmed up first, then timed alternately (ours,
-torch, ours, ...) so background load on a shared machine hits both alike; the
-ratio of median images/s (ours / torch, > 1 means ours is faster) is printed, by
-wall time and by process CPU time (user + sys of all threads): on a CPU shared with
-other jobs the wall time includes waiting for a core, the CPU time does not.
+tokens, as timm's model), compiled/warmed up first, then timed alternately in blocks
+(`--block` steps of ours, the same of torch, repeated `--steps` times) so background
+load on a shared machine hits both alike. Two ratios of median images/s (ours /
+torch, > 1 means ours is faster) are printed, by wall time and by process CPU time
+(user + sys of all threads; on a CPU shared with other jobs the wall time includes
+waiting for a core, the CPU time does not):
+  - "all steps": images over the summed time of every timed step, each block's first
+    included (with `--block 1` this is the old one-step alternation);
+  - "steady": each block's steps after its first, as in a training run, where steps
+    follow each other. The first step after switching frameworks can be far slower:
+    XLA:CPU maps its temporaries (2.9 GB for ViT-S at batch 32) afresh each step and
+    unmaps them after, and on a VM with free page reporting (virtio-balloon, e.g.
+    Firecracker) pages left free for ~2 s are handed back to the host and must be
+    faulted back in (our ViT-S step: 5.0 s -> 8.0 s, mostly kernel time). torch reuses
+    its heap and does not pay this. `--block 1` gives only "all steps".
 Our executables are compiled with XLA:CPU's YNNPACK GEMM off (`--cpu_dots eigen`, the
-default; see CPU_EIGEN_DOTS), `--cpu_dots default` keeps jax's default.
+default; see CPU_EIGEN_DOTS), `--cpu_dots default` keeps jax's default. `--malloc
+hugepages` restarts the process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which backs
+glibc's large allocations (XLA's temporaries, torch's tensors) with transparent huge
+pages: ~700k page faults per ViT-S step become ~10k, and our step gets ~11% faster,
+but torch's gets ~10% slower. Both sides run in that one process, so both get it;
+`--malloc default` (the default) leaves glibc as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +38,7 @@ import argparse
 import os
 import resource
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -168,20 +184,54 @@ def _cpu_s() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def _alternate(fns: dict[str, Callable[[], float]], steps: int, warmup: int
-               ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-  """Wall seconds and process CPU seconds (user + sys) of each fn, interleaved."""
+HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def _restart_with_hugepages() -> None:
+  """Re-executes this script with glibc's THP tunable (read only at process start)."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if HUGEPAGES_TUNABLE in tunables.split(":") or not sys.platform.startswith("linux"):
+    return
+  env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGES_TUNABLE) if t))
+  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _alternate(fns: dict[str, Callable[[], float]], rounds: int, block: int, warmup: int
+               ) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]:
+  """Wall and process CPU seconds (user + sys) of each fn: [round][step in block]."""
   for _ in range(warmup):
     for fn in fns.values():
       fn()
   wall = {k: [] for k in fns}
   cpu = {k: [] for k in fns}
-  for _ in range(steps):
+  for _ in range(rounds):
     for k, fn in fns.items():
-      c0 = _cpu_s()
-      wall[k].append(fn())
-      cpu[k].append(_cpu_s() - c0)
+      wall[k].append([])
+      cpu[k].append([])
+      for _ in range(block):
+        c0 = _cpu_s()
+        wall[k][-1].append(fn())
+        cpu[k][-1].append(_cpu_s() - c0)
   return wall, cpu
+
+
+def _report(label: str, batch: int, wall: dict[str, list[list[float]]],
+            cpu: dict[str, list[list[float]]], first: int) -> None:
+  """Prints images/s and the ratio over the steps of each block from index `first`.
+
+  first=0: total images / total time (every step counts); first>=1: median step.
+  """
+  pick = lambda runs: [t for block in runs for t in block[first:]]  # noqa: E731
+  stat = statistics.mean if first == 0 else statistics.median
+  name = "mean" if first == 0 else "median"
+  ips = {k: batch / stat(pick(t)) for k, t in wall.items()}
+  cpu_ips = {k: batch / stat(pick(t)) for k, t in cpu.items()}
+  print(f"  {label}:")
+  for k in wall:
+    print(f"    {k:6s} {ips[k]:7.2f} img/s  {name} step {stat(pick(wall[k])):.3f} s;  "
+          f"CPU {stat(pick(cpu[k])):.3f} s/step = {cpu_ips[k]:.2f} img/CPU-s")
+  print(f"    ratio ours/torch = {ips['ours'] / ips['torch']:.3f} by wall time, "
+        f"{cpu_ips['ours'] / cpu_ips['torch']:.3f} by CPU time  (goal >= 1.0)")
 
 
 def main() -> None:
@@ -189,14 +239,19 @@ def main() -> None:
   ap.add_argument("--variant", default="S", choices=sorted(TIMM_NAMES))
   ap.add_argument("--batch", type=int, default=32, help="training batch")
   ap.add_argument("--infer_batch", type=int, default=64, help="forward-only batch")
-  ap.add_argument("--steps", type=int, default=5, help="timed steps of each, after warm-up")
+  ap.add_argument("--steps", type=int, default=5, help="timed rounds (blocks of each), after warm-up")
+  ap.add_argument("--block", type=int, default=2, help="consecutive steps of one side per round")
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--res", type=int, default=224)
   ap.add_argument("--mode", default="both", choices=("train", "infer", "both"))
   ap.add_argument("--cpu_dots", default="eigen", choices=("eigen", "default"),
                   help="XLA:CPU GEMM for our dots: 'eigen' (YNNPACK off, see CPU_EIGEN_DOTS) or "
                        "jax's default (YNNPACK)")
+  ap.add_argument("--malloc", default="default", choices=("hugepages", "default"),
+                  help=f"'hugepages': restart with GLIBC_TUNABLES={HUGEPAGES_TUNABLE} (Linux)")
   args = ap.parse_args()
+  if args.malloc == "hugepages":
+    _restart_with_hugepages()
   modes = {"train", "infer"} if args.mode == "both" else {args.mode}
 
   if args.cpu_dots == "default":
@@ -207,6 +262,7 @@ def main() -> None:
   print(f"ViT-{args.variant}/16 at {args.res}px, {CLASSES} classes, fp32; jax {jax.__version__} "
         f"({jax.devices()[0].platform}), torch {theirs.torch.__version__}")
   print(thread_settings(theirs.torch))
+  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
   print(f"our compiler_options: {opts}")
   print("our compile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
   for mode in ("train", "infer"):
@@ -215,17 +271,15 @@ def main() -> None:
     batch = args.batch if mode == "train" else args.infer_batch
     fns = {"ours": getattr(ours, "train_step" if mode == "train" else "infer"),
            "torch": getattr(theirs, "train_step" if mode == "train" else "infer")}
-    times, cpu = _alternate(fns, args.steps, args.warmup)
-    ips = {k: batch / statistics.median(t) for k, t in times.items()}
-    cpu_ips = {k: batch / statistics.median(t) for k, t in cpu.items()}
+    wall, cpu = _alternate(fns, args.steps, args.block, args.warmup)
     label = "train step (fwd+bwd+AdamW)" if mode == "train" else "forward only"
-    print(f"{label}, batch {batch}, {args.steps} alternating steps after {args.warmup} warm-up:")
+    print(f"{label}, batch {batch}, {args.steps} rounds of {args.block} steps each side, "
+          f"after {args.warmup} warm-up:")
     for k in fns:
-      print(f"  {k:6s} {ips[k]:7.2f} img/s  median step {statistics.median(times[k]):.3f} s  "
-            f"(all: {', '.join(f'{t:.3f}' for t in times[k])});  "
-            f"CPU {statistics.median(cpu[k]):.3f} s/step = {cpu_ips[k]:.2f} img/CPU-s")
-    print(f"  ratio ours/torch = {ips['ours'] / ips['torch']:.3f} by wall time, "
-          f"{cpu_ips['ours'] / cpu_ips['torch']:.3f} by CPU time  (goal >= 1.0)")
+      print(f"  {k:6s} wall s by round: " + " | ".join(", ".join(f"{t:.3f}" for t in b) for b in wall[k]))
+    _report("all steps", batch, wall, cpu, first=0)
+    if args.block > 1:
+      _report("steady (each block's first step left out)", batch, wall, cpu, first=1)
 
 
 if __name__ == "__main__":
