@@ -65,3 +65,16 @@ def test_resumable_changes_pass_and_overwrite_moves_the_old_run_aside(tmp_path, 
   assert not os.path.exists(tmp_path / "checkpoints")
   assert json.load(open(tmp_path / "config.json"))["seed"] == 3
   assert "--overwrite: moved the previous run's" in capsys.readouterr().err
+
+
+def test_config_json_is_replaced_never_rewritten_in_place(tmp_path):
+  # Other processes of a multi-process run read config.json while process 0 rewrites it; a
+  # truncate-then-write would let them read an empty file, so it must be a rename.
+  _fake_run(tmp_path, tiny_config())
+  before = os.stat(tmp_path / "config.json").st_ino
+  with open(tmp_path / "config.json") as old:
+    train.check_workdir(tiny_config("--config.total_steps=50"), str(tmp_path))
+    assert json.load(old)["total_steps"] != 50  # a reader that opened it earlier keeps the old file
+  assert os.stat(tmp_path / "config.json").st_ino != before
+  assert json.load(open(tmp_path / "config.json"))["total_steps"] == 50
+  assert sorted(n for n in os.listdir(tmp_path) if n.startswith("config")) == ["config.json"]
