@@ -6,6 +6,7 @@ process counts, survive SIGTERM with one consistent checkpoint, and not hang whe
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -140,5 +141,9 @@ def test_dead_process_stops_the_others(tmp_path):
   assert codes[1] == -signal.SIGKILL
   assert codes[0] not in (0, None, -signal.SIGKILL), (codes, reason, outs[0][-3000:])
   assert "still running" not in reason, reason
-  assert "stopped sending heartbeats" in outs[0], outs[0][-3000:]
+  # Process 0 learns of the death either from the coordination service's heartbeat timeout or,
+  # first, from the collective it was running with the dead peer failing inside gloo (seen once
+  # in ~5 CI runs: gloo::EnforceNotMet on a half-received message, then abort).
+  assert re.search(r"stopped sending heartbeats|gloo::\w+|Connection (reset|closed) by peer",
+                   outs[0]), outs[0][-3000:]
   assert took < 150, took
