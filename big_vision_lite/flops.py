@@ -16,6 +16,8 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
+from big_vision_lite import files
+
 # bf16 dense peak FLOP/s per *JAX device* (not per chip where they differ:
 # TPU v2/v3 expose each of a chip's two cores as a device). Matched in order
 # against a lowercase device_kind, so more specific names come first.
@@ -239,10 +241,7 @@ def default_peak_flops(device: Any = None, *,
     if path:
       try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-          json.dump(cache, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        files.write_atomic(path, json.dumps(cache, indent=1, sort_keys=True))
       except OSError:
         pass  # read-only home: still return the measurement
   if device.platform == "cpu":

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Mapping, TextIO
 
 import numpy as np
 
-from big_vision_lite import flops as flops_lib
+from big_vision_lite import files, flops as flops_lib
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -132,10 +132,7 @@ class MetricWriter:
           keep = False  # e.g. a half-written last line from the kill
         if keep:
           kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)  # atomic: a second kill leaves one whole file
+    files.write_atomic(self.path, "".join(kept))  # a second kill leaves one whole file
 
   def close(self) -> None:
     if self._file is not None:

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, flops, metrics, optim, pretrained, sharding
-from big_vision_lite import distributed, evaluators, models, tasks, xla_options
+from big_vision_lite import distributed, evaluators, files, models, tasks, xla_options
 from big_vision_lite.data import ops as pp_ops, pipeline, sources
 from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.registry import UnknownNameError
@@ -369,12 +369,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bo
           f"--config.allow_config_change=True to resume anyway, or --overwrite to start over")
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-    # Write then rename: the other processes read this file above at the same time,
-    # and a truncated file would read as an empty (unparseable) config.
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, path)
+    # The other processes read this file above at the same time; rewritten in place
+    # they could read it truncated, as an empty (unparseable) config.
+    files.write_atomic(path, config.to_json_best_effort(indent=2))
 
 
 def _guard_status(state) -> tuple[int, int, int]:

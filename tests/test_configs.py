@@ -87,13 +87,13 @@ def test_image_text_recipes_need_a_local_tokenizer(spec):
 
 def test_image_text_input_reads_tar_or_tfds():
   from big_vision_lite.recipes import image_text_input
-  args = config_lib.parse_arg("data=tar,files=/d/*.tar,spm=/m.model", data="", files="", data_dir="",
-                              split="train", batch=8, text_key="caption", text_len=64, spm="")
+  defaults = dict(data="", files="", data_dir="", split="train", batch=8, text_key="caption",
+                  text_len=64, spm="")
+  args = config_lib.parse_arg("data=tar,files=/d/*.tar,spm=/m.model", **defaults)
   inp = image_text_input(args, 224)
   assert inp.data.to_dict() == {"name": "tar", "split": "train", "files": "/d/*.tar"}
   assert inp.batch_size == 8 and inp.pp.startswith("decode|resize(224)|") and "flip" not in inp.pp
   assert "tokenize(64, model='/m.model', key='caption'" in inp.pp
-  args = config_lib.parse_arg("data=coco_captions,data_dir=/tfds,spm=/m.model", data="", files="",
-                              data_dir="", split="train", batch=8, text_key="caption", text_len=64, spm="")
+  args = config_lib.parse_arg("data=coco_captions,data_dir=/tfds,spm=/m.model", **defaults)
   assert image_text_input(args, 84).data.to_dict() == {"name": "coco_captions", "split": "train",
                                                       "data_dir": "/tfds"}
