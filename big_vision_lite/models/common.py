@@ -162,6 +162,22 @@ class DenseGeneral(nn.Module):
     return y
 
 
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
+                          dtype_mm: Any = jnp.float32) -> Array:
+  """softmax(q k^T + mask) v for head-major (..., H, L, hd) operands; q comes pre-scaled."""
+  logits = jnp.einsum("...hqd,...hkd->...hqk", q, k)
+  # Softmax in fp32 whatever the matmul dtype: bf16 logits lose too much.
+  logits = logits.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  # softmax(l) @ v, normalised after the matmul: dividing the (.., Q, hd) output
+  # instead of the (.., Q, K) weights is fewer FLOPs and one pass less over the
+  # largest tensor. Same math as jax.nn.softmax (max-shifted, so exp <= 1).
+  e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  y = jnp.einsum("...hqk,...hkd->...hqd", e.astype(dtype_mm), v)
+  return (y / jnp.sum(e, axis=-1, keepdims=True)).astype(dtype_mm)
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with big_vision's query/key/value/out parameters.
 
@@ -188,17 +204,7 @@ class MultiHeadDotProductAttention(nn.Module):
     # Head-major (B, H, L, hd) operands make both attention matmuls plain batched
     # matmuls; XLA:CPU otherwise transposes inside each dot (~25% slower attention).
     q, k, v = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
-    logits = jnp.einsum("...hqd,...hkd->...hqk", q, k)
-    # Softmax in fp32 whatever the matmul dtype: bf16 logits lose too much.
-    logits = logits.astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    # softmax(l) @ v, normalised after the matmul: dividing the (.., Q, hd) output
-    # instead of the (.., Q, K) weights is fewer FLOPs and one pass less over the
-    # largest tensor. Same math as jax.nn.softmax (max-shifted, so exp <= 1).
-    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-    y = jnp.einsum("...hqk,...hkd->...hqd", e.astype(self.dtype_mm), v)
-    y = (y / jnp.sum(e, axis=-1, keepdims=True)).astype(self.dtype_mm)
+    y = dot_product_attention(q, k, v, mask, self.dtype_mm)
     y = jnp.swapaxes(y, -3, -2)
     return DenseGeneral(features=(d,), num_in=2, kernel_axes=("heads", "kv", "embed"),
                         bias_axes=("embed",), dtype_mm=self.dtype_mm, name="out")(y)

@@ -14,7 +14,7 @@ import numpy as np
 
 from big_vision_lite.models import MODELS
 from big_vision_lite.models.common import (
-    Encoder, MAPHead, part, posemb_sincos_2d)
+    Encoder, MAPHead, add_bias, part, posemb_sincos_2d)
 
 __all__ = ["ViT", "PatchEmbed", "vit", "decode_variant", "resample_posemb", "posemb_sincos_2d", "VARIANTS"]
 
@@ -92,7 +92,7 @@ class PatchEmbed(nn.Module):
     x = jnp.asarray(image, self.dtype_mm)[:, :h * ph, :w * pw]
     x = x.reshape(n, h, ph, w, pw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n * h * w, ph * pw * c)
     y = jnp.dot(x, kernel.reshape(ph * pw * c, self.width).astype(self.dtype_mm))
-    return (y + bias.astype(self.dtype_mm)).reshape(n, h, w, self.width)
+    return add_bias(y, bias.astype(self.dtype_mm)).reshape(n, h, w, self.width)
 
 
 class ViT(nn.Module):
