@@ -74,7 +74,7 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm_fn(x: Array, scale: Array, bias: Array, eps: float) -> Array:
-  """LayerNorm over the last axis in float32 (flax's math, two-pass variance).
+  """LayerNorm over the last axis, in float32; flax's LayerNorm but with a two-pass variance.
 
   Hand-written backward: the scale and bias gradients go through sum_leading, and the
   input gradient is one fused expression; flax's autodiff LayerNorm ran fwd+bwd in
@@ -83,7 +83,7 @@ def layer_norm_fn(x: Array, scale: Array, bias: Array, eps: float) -> Array:
   return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
-def _layer_norm_fwd(x, scale, bias, eps):
+def _layer_norm_fwd(x: Array, scale: Array, bias: Array, eps: float) -> tuple[Array, tuple]:
   x32 = x.astype(jnp.float32)
   xc = x32 - jnp.mean(x32, axis=-1, keepdims=True)
   rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
@@ -92,7 +92,7 @@ def _layer_norm_fwd(x, scale, bias, eps):
   return xhat * scale + bias, (xhat, rstd, scale, jnp.zeros((), x.dtype))
 
 
-def _layer_norm_bwd(eps, res, dy):
+def _layer_norm_bwd(eps: float, res: tuple, dy: Array) -> tuple[Array, Array, Array]:
   del eps
   xhat, rstd, scale, x_like = res
   dy = dy.astype(jnp.float32)
