@@ -18,7 +18,7 @@ from big_vision_lite.models import MODELS
 from big_vision_lite.models import decoder as dec_lib
 from big_vision_lite.models import vit as vit_lib
 from big_vision_lite.models.cappa import Captioner, vit_kwargs
-from big_vision_lite.models.common import part
+from big_vision_lite.models.common import DenseGeneral
 
 
 def num_kept(num_tokens: int, keep_ratio: float) -> int:
@@ -49,9 +49,10 @@ class OpenVision2(Captioner):
       raise ValueError(f"openvision2: keep_ratio must be in (0, 1], got {self.keep_ratio}")
     kw = self._dec_kw()
     self.img = vit_lib.vit(**vit_kwargs(self.image))
-    self.img_proj = nn.Dense(kw["width"], name="img_proj",
-                             kernel_init=part(nn.initializers.lecun_normal(), (None, "embed")),
-                             bias_init=part(nn.initializers.zeros, ("embed",)))
+    # DenseGeneral (nn.Dense's params): its bias gradient over (batch, tokens) is a matmul.
+    self.img_proj = DenseGeneral(features=(kw["width"],), kernel_axes=(None, "embed"),
+                                 bias_axes=("embed",), kernel_init=nn.initializers.lecun_normal(),
+                                 name="img_proj")
     self.decoder_module = dec_lib.Decoder(cross=False, mask_token=False, name="decoder", **kw)
 
   def visual_prefix(self, image_tokens: jax.Array, train: bool = False) -> jax.Array:
