@@ -1,0 +1,1 @@
+"""Hand-written kernels that XLA calls as custom calls (see each module for when they apply)."""
