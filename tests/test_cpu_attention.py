@@ -115,7 +115,8 @@ import os
 import jax, jax.numpy as jnp, numpy as np
 from big_vision_lite.kernels import cpu_attention
 from big_vision_lite.models import common
-m = common.Encoder1DBlock(num_heads=2)
+# Scanned and rematerialised layers: the custom VJP inside nn.scan and nn.remat.
+m = common.Encoder(depth=2, num_heads=2, scan=True, remat_policy="nothing_saveable")
 x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 32)), jnp.float32)
 params = m.init(jax.random.key(0), x)
 f = lambda p: jnp.sum(m.apply(p, x)[0] ** 2)
@@ -127,7 +128,7 @@ np.save(os.environ["GRADS"], np.concatenate([np.ravel(t) for t in jax.tree.leave
 
 
 def test_model_uses_kernel_on_one_device_and_falls_back(tmp_path):
-  """An Encoder1DBlock on one CPU device runs the kernel; with BVL_CPU_ATTENTION=0, or with
+  """A (scanned, remat) Encoder on one CPU device runs the kernel; with BVL_CPU_ATTENTION=0, or with
   no compiler, it runs XLA, logs why, and computes the same gradients."""
   envs = {
       "kernel": {},
