@@ -125,12 +125,13 @@ def unavailable_reason() -> str | None:
 
 
 def supports(q: Array, k: Array, v: Array, mask: Array | None) -> bool:
-  """Whether `attention` applies: float32 token-major operands of one shape, no mask,
-  one device (the custom call has no sharding rule), and a kernel that built."""
+  """Whether `attention` applies: float32 token-major operands of one shape, no mask, a
+  CPU process with one device (the custom call has no sharding rule), and a kernel that
+  built. A GPU or TPU process never builds it."""
   return (mask is None and q.dtype == k.dtype == v.dtype == jnp.float32
           and q.shape == k.shape == v.shape and q.ndim >= 3
-          and q.shape[-1] % HEAD_DIM_MULTIPLE == 0 and jax.device_count() == 1
-          and _load() is None)
+          and q.shape[-1] % HEAD_DIM_MULTIPLE == 0 and jax.default_backend() == "cpu"
+          and jax.device_count() == 1 and _load() is None)
 
 
 def _ffi_fwd(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
