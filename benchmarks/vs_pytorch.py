@@ -30,6 +30,8 @@ glibc's large allocations (XLA's temporaries, torch's tensors) with transparent 
 pages: ~700k page faults per ViT-S step become ~10k, and our step gets ~11% faster,
 but torch's gets ~10% slower. Both sides run in that one process, so both get it;
 `--malloc default` (the default) leaves glibc as it is.
+On one CPU device our attention is the fused kernel (big_vision_lite/kernels); the run
+prints which path it took, and `BVL_CPU_ATTENTION=0` measures the XLA path instead.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import numpy as np
 
 from big_vision_lite import config as config_lib, sharding, train, xla_options
 from big_vision_lite.convert import torch_env
+from big_vision_lite.kernels import cpu_attention
 
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
               "B": "vit_base_patch16_224"}
@@ -264,6 +267,9 @@ def main() -> None:
   print(thread_settings(theirs.torch))
   print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
   print(f"our compiler_options: {opts}")
+  reason = cpu_attention.unavailable_reason() if jax.device_count() == 1 else "several devices"
+  print("our attention: " + ("fused CPU kernel (big_vision_lite/kernels/cpu_attention.cc)"
+                             if reason is None else f"XLA ({reason})"))
   print("our compile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
   for mode in ("train", "infer"):
     if mode not in modes:
