@@ -193,8 +193,9 @@ class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with big_vision's query/key/value/out parameters.
 
   `mask` (optional, bool) broadcasts to (B, heads, Q, K); True means attend.
-  On one CPU device, float32 self- or cross-attention without a mask runs the fused
-  `kernels.cpu_attention` kernel (same math); everything else runs through XLA.
+  On one CPU device, float32 attention without a mask whose queries and keys have one
+  shape (self-attention) runs the fused `kernels.cpu_attention` kernel (same math);
+  everything else runs through XLA.
   """
   num_heads: int = 12
   dtype_mm: Any = jnp.float32
