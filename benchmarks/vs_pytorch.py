@@ -49,6 +49,7 @@ import numpy as np
 
 from big_vision_lite import config as config_lib, sharding, train, xla_options
 from big_vision_lite.convert import torch_env
+from big_vision_lite.host_memory import HUGEPAGES_TUNABLE
 from big_vision_lite.kernels import cpu_attention
 
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
@@ -185,9 +186,6 @@ def thread_settings(torch_mod) -> str:
 def _cpu_s() -> float:
   r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
   return r.ru_utime + r.ru_stime
-
-
-HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def _restart_with_hugepages() -> None:

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, flops, metrics, optim, pretrained, sharding
-from big_vision_lite import distributed, evaluators, files, models, tasks, xla_options
+from big_vision_lite import distributed, evaluators, files, host_memory, models, tasks, xla_options
 from big_vision_lite.data import ops as pp_ops, pipeline, sources
 from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.registry import UnknownNameError
@@ -420,6 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
           f"{jax.process_count()} process(es); {total_steps} steps of batch {config.input.batch_size}; "
           f"MFU peak {peak:.3g} FLOP/s per device ({peak_desc})", flush=True)
+    if hint := host_memory.hint(jax.default_backend()):
+      print(f"note: {hint}", file=sys.stderr, flush=True)
 
   train_step = make_train_step(setup, config.grad_accum_steps)
   step_flops = flops.train_flops_per_step(fwd_flops, config.input.batch_size) if fwd_flops else None

@@ -4,7 +4,8 @@ code path of a TPU pod or a GPU cluster, on fake CPU devices.
     python launch/local_multiprocess.py N [--devices_per_process 4] -- --config ... --workdir ...
 
 Each process gets JAX_NUM_CPU_DEVICES devices and --coordinator_address localhost:<free port>
---num_processes N --process_id i. Process 0 prints as usual; the others' lines are prefixed
+--num_processes N --process_id i, and GLIBC_TUNABLES=glibc.malloc.hugetlb=1 added where it works
+(big_vision_lite/host_memory.py; BVL_HUGEPAGES=0 leaves the environment as is). Process 0 prints as usual; the others' lines are prefixed
 "[pI]". If one process fails, the others get BVL_PEER_GRACE_S seconds (default 30) to stop by
 themselves (JAX's heartbeat timeout does that), then are killed, with a one-line reason.
 SIGTERM/SIGINT to this launcher go to every process (preemption: they save and exit 75).
@@ -21,6 +22,8 @@ import sys
 import threading
 import time
 from typing import Mapping, Sequence
+
+from big_vision_lite import host_memory
 
 PREEMPTED = 75
 
@@ -46,7 +49,8 @@ def start(num_processes: int, trainer_args: Sequence[str], *, devices_per_proces
   port = port or free_port()
   procs = []
   for i in range(num_processes):
-    penv = dict(os.environ if env is None else env)
+    # Huge pages for glibc's large allocations: ~10% faster CPU steps (big_vision_lite/host_memory.py).
+    penv = host_memory.with_hugepages(os.environ if env is None else env)
     penv.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices_per_process))
     penv.pop("XLA_FLAGS", None)  # a device-count flag there would override ours
     if env_per_process:

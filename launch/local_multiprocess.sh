@@ -4,7 +4,8 @@
 #
 #   launch/local_multiprocess.sh 2 --config configs/vit_shapes.py:batch=16 --workdir runs/mp
 #
-# BVL_DEVICES_PER_PROCESS (default 4) sets the devices per process. Exit code: 0, 75 when
+# BVL_DEVICES_PER_PROCESS (default 4) sets the devices per process. Each process gets
+# GLIBC_TUNABLES=glibc.malloc.hugetlb=1 added (faster CPU steps; BVL_HUGEPAGES=0: not). Exit code: 0, 75 when
 # preempted (SIGTERM: every process saved the same step), else the first failure's code.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
