@@ -47,9 +47,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from big_vision_lite import config as config_lib, sharding, train, xla_options
+from big_vision_lite import config as config_lib, host_memory, sharding, train, xla_options
 from big_vision_lite.convert import torch_env
-from big_vision_lite.host_memory import HUGEPAGES_TUNABLE
 from big_vision_lite.kernels import cpu_attention
 
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
@@ -190,11 +189,9 @@ def _cpu_s() -> float:
 
 def _restart_with_hugepages() -> None:
   """Re-executes this script with glibc's THP tunable (read only at process start)."""
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if HUGEPAGES_TUNABLE in tunables.split(":") or not sys.platform.startswith("linux"):
+  if host_memory.has_hugepages_tunable(os.environ) or not sys.platform.startswith("linux"):
     return
-  env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGES_TUNABLE) if t))
-  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  os.execve(sys.executable, [sys.executable, *sys.argv], host_memory.add_tunable(os.environ))
 
 
 def _alternate(fns: dict[str, Callable[[], float]], rounds: int, block: int, warmup: int
@@ -249,7 +246,8 @@ def main() -> None:
                   help="XLA:CPU GEMM for our dots: 'eigen' (YNNPACK off, see CPU_EIGEN_DOTS) or "
                        "jax's default (YNNPACK)")
   ap.add_argument("--malloc", default="default", choices=("hugepages", "default"),
-                  help=f"'hugepages': restart with GLIBC_TUNABLES={HUGEPAGES_TUNABLE} (Linux)")
+                  help=f"'hugepages': restart with "
+                       f"GLIBC_TUNABLES={host_memory.HUGEPAGES_TUNABLE} (Linux)")
   args = ap.parse_args()
   if args.malloc == "hugepages":
     _restart_with_hugepages()

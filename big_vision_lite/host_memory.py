@@ -52,18 +52,21 @@ def applies(thp_path: str | None = None) -> bool:
           and _thp_mode(thp_path) in ("always", "madvise"))
 
 
-def with_hugepages(env: Mapping[str, str], thp_path: str | None = None) -> dict[str, str]:
-  """A copy of `env` whose GLIBC_TUNABLES also holds the huge-page tunable where it applies.
-
-  Other tunables are kept; BVL_HUGEPAGES=0 in `env` leaves it unchanged.
-  """
+def add_tunable(env: Mapping[str, str]) -> dict[str, str]:
+  """A copy of `env` with the huge-page tunable in GLIBC_TUNABLES, other tunables kept."""
   out = dict(env)
-  if (out.get("BVL_HUGEPAGES", "1").strip().lower() in ("0", "false", "no", "off")
-      or has_hugepages_tunable(out) or not applies(thp_path)):
-    return out
-  out["GLIBC_TUNABLES"] = ":".join(t for t in (out.get("GLIBC_TUNABLES", ""), HUGEPAGES_TUNABLE)
-                                   if t)
+  if not has_hugepages_tunable(out):
+    out["GLIBC_TUNABLES"] = ":".join(
+        t for t in (out.get("GLIBC_TUNABLES", ""), HUGEPAGES_TUNABLE) if t)
   return out
+
+
+def with_hugepages(env: Mapping[str, str], thp_path: str | None = None) -> dict[str, str]:
+  """`add_tunable(env)` where the tunable applies; BVL_HUGEPAGES=0 in `env` leaves it as is."""
+  if (env.get("BVL_HUGEPAGES", "1").strip().lower() in ("0", "false", "no", "off")
+      or not applies(thp_path)):
+    return dict(env)
+  return add_tunable(env)
 
 
 def hint(backend: str, env: Mapping[str, str] = os.environ,

@@ -5,9 +5,10 @@ code path of a TPU pod or a GPU cluster, on fake CPU devices.
 
 Each process gets JAX_NUM_CPU_DEVICES devices and --coordinator_address localhost:<free port>
 --num_processes N --process_id i, and GLIBC_TUNABLES=glibc.malloc.hugetlb=1 added where it works
-(big_vision_lite/host_memory.py; BVL_HUGEPAGES=0 leaves the environment as is). Process 0 prints as usual; the others' lines are prefixed
-"[pI]". If one process fails, the others get BVL_PEER_GRACE_S seconds (default 30) to stop by
-themselves (JAX's heartbeat timeout does that), then are killed, with a one-line reason.
+(big_vision_lite/host_memory.py; BVL_HUGEPAGES=0 leaves the environment as is). Process 0
+prints as usual; the others' lines are prefixed "[pI]". If one process fails, the others get
+BVL_PEER_GRACE_S seconds (default 30) to stop by themselves (JAX's heartbeat timeout does
+that), then are killed, with a one-line reason.
 SIGTERM/SIGINT to this launcher go to every process (preemption: they save and exit 75).
 """
 
