@@ -2,7 +2,7 @@
 
     python benchmarks/vs_pytorch.py [--variant S] [--batch 32] [--infer_batch 64] [--steps 5]
                                     [--block 2] [--mode train|infer|both] [--res 224]
-                                    [--cpu_dots eigen|default] [--malloc default|hugepages]
+                                    [--cpu_dots eigen|default] [--malloc keep|default|hugepages]
 
 Ours is the trainer's real step (train.build + make_train_step: forward, backward,
 grad clip, AdamW, metrics) and a jitted `model.apply` for the forward; timm's is
@@ -17,19 +17,22 @@ waiting for a core, the CPU time does not):
   - "all steps": images over the summed time of every timed step, each block's first
     included (with `--block 1` this is the old one-step alternation);
   - "steady": each block's steps after its first, as in a training run, where steps
-    follow each other. The first step after switching frameworks can be far slower:
-    XLA:CPU maps its temporaries (2.9 GB for ViT-S at batch 32) afresh each step and
-    unmaps them after, and on a VM with free page reporting (virtio-balloon, e.g.
-    Firecracker) pages left free for ~2 s are handed back to the host and must be
-    faulted back in (our ViT-S step: 5.0 s -> 8.0 s, mostly kernel time). torch reuses
-    its heap and does not pay this. `--block 1` gives only "all steps".
+    follow each other. With `--malloc default` the first step after switching
+    frameworks can be far slower: XLA:CPU maps its temporaries (2.9 GB for ViT-S at
+    batch 32) afresh each step and unmaps them after, and on a VM with free page
+    reporting (virtio-balloon, e.g. Firecracker) pages left free for ~2 s are handed
+    back to the host and must be faulted back in (our ViT-S step: 5.0 s -> 8.0 s, mostly
+    kernel time). torch reuses its heap and does not pay this. `--block 1` gives only
+    "all steps".
 Our executables are compiled with XLA:CPU's YNNPACK GEMM off (`--cpu_dots eigen`, the
 default; see CPU_EIGEN_DOTS), `--cpu_dots default` keeps jax's default. `--malloc
-hugepages` restarts the process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which backs
-glibc's large allocations (XLA's temporaries, torch's tensors) with transparent huge
-pages: ~700k page faults per ViT-S step become ~10k, and our step gets ~11% faster,
-but torch's gets ~10% slower. Both sides run in that one process, so both get it;
-`--malloc default` (the default) leaves glibc as it is.
+keep` (the default) makes glibc keep freed memory mapped, as the trainer does
+(host_memory.keep_freed_memory: one arena, no mmap, no trimming): XLA:CPU's temporaries
+(2.9 GB per ViT-S step at batch 32) are then reused instead of unmapped and faulted back in,
+~700k page faults per step with glibc's defaults. `--malloc hugepages` restarts the
+process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 instead, which backs large allocations
+with transparent huge pages (~30x fewer faults). `--malloc default` leaves glibc as it is.
+Both sides run in one process, so torch gets the same malloc settings as ours.
 On one CPU device our attention is the fused kernel (big_vision_lite/kernels); the run
 prints which path it took, and `BVL_CPU_ATTENTION=0` measures the XLA path instead.
 """
@@ -245,12 +248,15 @@ def main() -> None:
   ap.add_argument("--cpu_dots", default="eigen", choices=("eigen", "default"),
                   help="XLA:CPU GEMM for our dots: 'eigen' (YNNPACK off, see CPU_EIGEN_DOTS) or "
                        "jax's default (YNNPACK)")
-  ap.add_argument("--malloc", default="default", choices=("hugepages", "default"),
-                  help=f"'hugepages': restart with "
-                       f"GLIBC_TUNABLES={host_memory.HUGEPAGES_TUNABLE} (Linux)")
+  ap.add_argument("--malloc", default="keep", choices=("keep", "hugepages", "default"),
+                  help="'keep': glibc keeps freed memory, as in the trainer; 'hugepages': "
+                       f"restart with GLIBC_TUNABLES={host_memory.HUGEPAGES_TUNABLE} (Linux); "
+                       "'default': glibc as it is")
   args = ap.parse_args()
   if args.malloc == "hugepages":
     _restart_with_hugepages()
+  # Before JAX starts (XLA's threads take their malloc arenas at their first allocation).
+  kept = host_memory.keep_freed_memory() if args.malloc == "keep" else "--malloc " + args.malloc
   modes = {"train", "infer"} if args.mode == "both" else {args.mode}
 
   if args.cpu_dots == "default":
@@ -261,7 +267,8 @@ def main() -> None:
   print(f"ViT-{args.variant}/16 at {args.res}px, {CLASSES} classes, fp32; jax {jax.__version__} "
         f"({jax.devices()[0].platform}), torch {theirs.torch.__version__}")
   print(thread_settings(theirs.torch))
-  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; glibc keeps freed memory: "
+        + ("yes" if kept is None else f"no ({kept})"))
   print(f"our compiler_options: {opts}")
   reason = cpu_attention.unavailable_reason() if jax.device_count() == 1 else "several devices"
   print("our attention: " + ("fused CPU kernel (big_vision_lite/kernels/cpu_attention.cc)"

@@ -1,23 +1,45 @@
-"""glibc's transparent-huge-page setting for XLA:CPU runs: detect it, hint at it, hand it on.
+"""glibc malloc settings for XLA:CPU runs: keep freed memory mapped, or hint at huge pages.
 
 XLA:CPU frees its step temporaries (2.9 GB for ViT-S/16 at batch 32) after every step and
-faults them back in on the next one: ~700,000 page faults per step with 4 KB pages. With
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 glibc backs large allocations with transparent huge
-pages (madvise), the faults drop ~30x and CPU train steps get 9-14% faster
-(benchmarks/RESULTS.md, rounds 4-6). glibc reads the tunable only when a process starts, so
-it can be set for a child process or suggested to the user, not switched on in place.
+faults them back in on the next one: ~636,000 page faults per step with 4 KB pages, because
+glibc gives large blocks back to the kernel (mmap'd chunks and whole thread-arena heaps are
+unmapped on free). Two ways out, each worth 9-15% on one-device CPU train steps
+(benchmarks/RESULTS.md rounds 4-7; with XLA's attention instead of the fused kernel, keeping
+freed memory gains nothing):
+
+- `keep_freed_memory()`: one malloc arena, no mmap, no trimming (mallopt), so freed memory
+  stays mapped and is reused without faults. It must run before JAX's backends start (XLA's
+  threads take their own arenas on their first allocation); the trainer calls it first thing.
+  Reuse is not complete: XLA asks posix_memalign for each block, and glibc (2.36 here) asks
+  for the size plus alignment padding, so a freed block of exactly the old size is sometimes
+  too small for the next request and the heap grows instead. On the README's run that leaves
+  3% of the default's page faults, and peak resident memory is 2.0 GB against 1.3 GB.
+- GLIBC_TUNABLES=glibc.malloc.hugetlb=1: transparent huge pages for large allocations, ~30x
+  fewer faults. glibc reads it only when a process starts, so it is set for child processes
+  (the local launcher) or suggested to the user where keep_freed_memory could not run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import os
 import platform
 import sys
-from typing import Mapping
+from typing import Mapping, Sequence
 
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 _MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
+# Device nodes of TPUs, NVIDIA and AMD GPUs: where one exists, JAX may not pick its CPU backend.
+ACCELERATOR_DEVICES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+# mallopt parameters, from <malloc.h>.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_kept = False  # whether keep_freed_memory applied its settings in this process
+
+
+def _off(env: Mapping[str, str], name: str) -> bool:
+  return env.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def _glibc_version() -> tuple[int, ...] | None:
@@ -63,8 +85,7 @@ def add_tunable(env: Mapping[str, str]) -> dict[str, str]:
 
 def with_hugepages(env: Mapping[str, str], thp_path: str | None = None) -> dict[str, str]:
   """`add_tunable(env)` where the tunable applies; BVL_HUGEPAGES=0 in `env` leaves it as is."""
-  if (env.get("BVL_HUGEPAGES", "1").strip().lower() in ("0", "false", "no", "off")
-      or not applies(thp_path)):
+  if _off(env, "BVL_HUGEPAGES") or not applies(thp_path):
     return dict(env)
   return add_tunable(env)
 
@@ -72,7 +93,65 @@ def with_hugepages(env: Mapping[str, str], thp_path: str | None = None) -> dict[
 def hint(backend: str, env: Mapping[str, str] = os.environ,
          thp_path: str | None = None) -> str | None:
   """One line for the user when a CPU run would be faster with the tunable, else None."""
-  if backend != "cpu" or has_hugepages_tunable(env) or not applies(thp_path):
+  if backend != "cpu" or _kept or has_hugepages_tunable(env) or not applies(thp_path):
     return None
   return (f"CPU train steps are ~10% faster with GLIBC_TUNABLES={HUGEPAGES_TUNABLE} set before "
           "Python starts (fewer page faults on XLA's temporaries; see the README)")
+
+
+def cpu_backend_expected(platforms: str | None = None,
+                         device_globs: Sequence[str] = ACCELERATOR_DEVICES) -> bool:
+  """Whether JAX will run on its CPU backend, judged before any backend starts.
+
+  Yes when `platforms` (default: the jax_platforms setting, i.e. JAX_PLATFORMS) names cpu
+  first, or names nothing and no TPU or GPU device node exists.
+  """
+  if platforms is None:
+    import jax  # noqa: PLC0415 (reading a setting starts no backend)
+    platforms = jax.config.jax_platforms or ""
+  if platforms.strip():
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(glob.glob(pattern) for pattern in device_globs)
+
+
+def _backends_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # noqa: PLC0415
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # a jax without it: assume the worst
+    return True
+
+
+def keep_freed_memory(env: Mapping[str, str] = os.environ, *, platforms: str | None = None,
+                      device_globs: Sequence[str] = ACCELERATOR_DEVICES) -> str | None:
+  """Makes glibc keep the memory XLA:CPU frees, for a process that will run JAX on the CPU.
+
+  Sets one malloc arena (so XLA's threads allocate from the main heap), no mmap for large
+  blocks and no trimming: freed memory stays mapped and the next step reuses it without page
+  faults. The price is that the process never hands freed memory back to the kernel; its
+  resident size stays at its peak. Returns None once applied, else why it was not:
+  BVL_KEEP_HEAP=0, not glibc, JAX's backends already started, or not a CPU run.
+  """
+  global _kept
+  if _kept:
+    return None
+  if _off(env, "BVL_KEEP_HEAP"):
+    return "BVL_KEEP_HEAP=0"
+  if not sys.platform.startswith("linux") or _glibc_version() is None:
+    return "not glibc"
+  if _backends_started():
+    return "JAX's backends have started, XLA's threads already have their own malloc arenas"
+  if not cpu_backend_expected(platforms, device_globs):
+    return "JAX will not run on the CPU here"
+  mallopt = ctypes.CDLL(None).mallopt
+  # -1 as the trim threshold means never trim (mallopt(3)).
+  for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)):
+    if mallopt(param, value) != 1:
+      return f"mallopt({param}, {value}) failed"
+  _kept = True
+  return None
+
+
+def kept_freed_memory() -> bool:
+  """Whether keep_freed_memory applied its settings in this process."""
+  return _kept

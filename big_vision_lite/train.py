@@ -420,7 +420,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
           f"{jax.process_count()} process(es); {total_steps} steps of batch {config.input.batch_size}; "
           f"MFU peak {peak:.3g} FLOP/s per device ({peak_desc})", flush=True)
-    if hint := host_memory.hint(jax.default_backend()):
+    if host_memory.kept_freed_memory():
+      print("host memory: glibc keeps what XLA:CPU frees (one malloc arena, no trimming; "
+            "BVL_KEEP_HEAP=0 turns this off)", flush=True)
+    elif hint := host_memory.hint(jax.default_backend()):
       print(f"note: {hint}", file=sys.stderr, flush=True)
 
   train_step = make_train_step(setup, config.grad_accum_steps)
@@ -524,6 +527,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  # Before JAX starts: XLA's threads pick their malloc arenas on their first allocation.
+  host_memory.keep_freed_memory()
   # grain's worker processes read absl flags; we take no absl flags of our own.
   absl_flags.FLAGS.mark_as_parsed()
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

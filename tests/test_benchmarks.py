@@ -28,6 +28,8 @@ def test_vs_pytorch_prints_settings_times_and_ratios():
             "2", "--steps", "2", "--block", "2")
   assert out.startswith("ViT-Ti/16 at 32px, 1000 classes, fp32")
   assert "torch threads" in out and "GLIBC_TUNABLES=" in out
+  # --malloc keep, the default, applies before JAX starts (where glibc is the libc).
+  assert re.search(r"glibc keeps freed memory: (yes$|no \(not glibc\))", out, re.M)
   assert re.search(r"our attention: (fused CPU kernel|XLA)", out)
   assert "train step (fwd+bwd+AdamW), batch 2" in out and "forward only, batch 2" in out
   # Per side and mode, 2 rounds of 2 steps: "a, b | c, d".

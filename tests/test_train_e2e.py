@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from big_vision_lite import config as config_lib, pretrained, train
+from big_vision_lite import config as config_lib, host_memory, pretrained, train
 from big_vision_lite.tools import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +58,8 @@ def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   r = run_cli(workdir)
   assert r.returncode == 0, r.stderr[-3000:]
+  # The CLI set glibc to keep freed memory before JAX started (host_memory.keep_freed_memory).
+  assert ("host memory: glibc keeps" in r.stdout) == (host_memory._glibc_version() is not None)
   return str(workdir)
 
 
