@@ -3,10 +3,10 @@
 #   python -m big_vision_lite.train --config configs/vit_shapes.py --workdir runs/vit
 #
 # Expected: validation prec@1 >= 0.90 (8 shape classes, chance 0.125) in under
-# 10 minutes on 2 CPU cores. Measured (2 cores, 1 CPU device, 2026-11-23): 0.9425
-# after 1200 steps in 7 min 05 s wall (dataset already cached; its first build
-# adds ~18 s); ~400 img/s, MFU ~17% of the measured 213 GFLOP/s matmul peak.
-# Curve: 0.557 / 0.820 / 0.914 / 0.9425 at steps 300 / 600 / 900 / 1200.
+# 10 minutes on 2 CPU cores. Measured (2 cores, 1 CPU device, 2026-11-24): 0.964
+# after 1200 steps in 4 min 17 s wall (dataset already cached; its first build
+# adds ~18 s); ~680 img/s, MFU 28-30% of the measured 213 GFLOP/s matmul peak.
+# Curve: 0.558 / 0.834 / 0.942 / 0.964 at steps 300 / 600 / 900 / 1200.
 """ViT on bvl_shapes: the README's first training command."""
 
 from big_vision_lite.config import ConfigDict, parse_arg
