@@ -1,0 +1,115 @@
+"""Compiles, caches and registers the XLA:CPU FFI kernels in this folder (one .cc file each).
+
+Each library is compiled on first use with the system C++ compiler (`$CXX`, else
+c++/g++/clang++) for the host CPU (-march=native) and cached under `$BVL_CACHE_DIR` (default
+~/.cache/big_vision_lite), keyed by the source, compiler, flags, jaxlib and CPU model. A
+kernel that cannot be built is reported, once, and its callers keep XLA's path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Mapping
+
+import jax
+import jaxlib
+
+
+def compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def cache_dir() -> str:
+  base = os.environ.get("BVL_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "big_vision_lite")
+  return os.path.join(base, "kernels")
+
+
+def _cpu_signature() -> str:
+  # -march=native code is only valid on the same kind of CPU; a shared cache (NFS home on a
+  # cluster) keeps one library per CPU model and feature set.
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = [l for l in f if l.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "".join(sorted(set(lines)))
+  except OSError:
+    return platform.processor()
+
+
+def _flags() -> list[str]:
+  return ["-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w",
+          f"-I{jax.ffi.include_dir()}"]
+
+
+def build(source_path: str, force: bool = False) -> str:
+  """Compiles `source_path` into a shared library (or finds it in the cache); its path.
+
+  Raises RuntimeError naming the compiler, the command and its output when it cannot.
+  """
+  cxx = compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
+  with open(source_path, "rb") as f:
+    source = f.read()
+  try:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    raise RuntimeError(f"C++ compiler {cxx} does not run: {e}") from None
+  key = hashlib.sha256(b"\0".join([
+      source, version.encode(), " ".join(_flags()).encode(), jaxlib.__version__.encode(),
+      platform.machine().encode(), _cpu_signature().encode()])).hexdigest()[:16]
+  out_dir = cache_dir()
+  stem = os.path.splitext(os.path.basename(source_path))[0]
+  path = os.path.join(out_dir, f"{stem}-{key}.so")
+  if os.path.exists(path) and not force:
+    return path
+  os.makedirs(out_dir, exist_ok=True)
+  # Written under a temporary name and renamed: a concurrent or interrupted build never
+  # leaves a partial library under the final name.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+  os.close(fd)
+  cmd = [cxx, *_flags(), source_path, "-o", tmp]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+      raise RuntimeError(f"compiling {source_path} failed ({' '.join(cmd)}):\n"
+                         f"{(proc.stdout + proc.stderr)[-2000:]}")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def disabled(env_var: str) -> bool:
+  """Whether `env_var` is set to 0/false/no/off (every kernel has one such opt-out)."""
+  return os.environ.get(env_var, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def load(source_path: str, targets: Mapping[str, str], env_var: str, what: str) -> str | None:
+  """Builds `source_path`, loads it and registers `targets` ({FFI target: symbol}) for CPU.
+
+  Returns None on success, else why not (with a warning naming `what` falls back to XLA).
+  """
+  if disabled(env_var):
+    return f"disabled by {env_var}"
+  try:
+    lib = ctypes.cdll.LoadLibrary(build(source_path))
+    for target, symbol in targets.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform="cpu")
+  except (RuntimeError, OSError, AttributeError) as e:
+    logging.warning("CPU %s kernel unavailable, %s uses XLA: %s", what, what, e)
+    return f"unavailable: {e}"
+  return None
