@@ -1,18 +1,21 @@
-"""Bias and LayerNorm gradients: XLA's reductions vs models.common's ones-matmul VJPs.
+"""Bias and LayerNorm gradients: XLA's reductions vs models.common's VJPs and CPU kernel.
 
     python benchmarks/layer_grads.py [--variant S] [--rounds 3] [--no-step]
 
 Part 1 times the pieces, jitted with the trainer's CPU options, alternating:
 the bias gradient of a (32, 197, F) cotangent as XLA's reduce (`jnp.sum` over
 batch and length) vs `common.sum_leading` (ones @ g); and one LayerNorm
-forward+backward, flax's `nn.LayerNorm` vs `common.LayerNorm`.
+forward+backward: flax's `nn.LayerNorm`, `common.LayerNorm` on XLA
+(`layer_norm_fn`, ones-matmul VJP) and `common.LayerNorm` as the library runs it
+(the CPU kernel on one CPU device).
 
-Part 2 (skipped with --no-step) builds the trainer's ViT train step three times
+Part 2 (skipped with --no-step) builds the trainer's ViT train step four times
 in one process, as in benchmarks/vs_pytorch.py: as the library builds it
-("ours"), with flax's LayerNorm ("flax_ln"), and with flax's LayerNorm plus a
-plain `y + b` bias add ("flax_ln_plain_bias", the code before round 5). It runs
-them in blocks of 3 steps, `--rounds` times, and prints the median of each
-block's steps after its first, and ratios against "ours".
+("ours"), with LayerNorm on XLA ("xla_ln", the code before round 8), with
+flax's LayerNorm ("flax_ln"), and with flax's LayerNorm plus a plain `y + b`
+bias add ("flax_ln_plain_bias", the code before round 5). It runs them in
+blocks of 3 steps, `--rounds` times, and prints the median of each block's
+steps after its first, and ratios against "ours".
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ def _flax_layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
                       bias_init=common.part(nn.initializers.zeros, ("embed",)))
 
 
+def _xla_layer_norm(eps: float, name: str | None = None) -> common.LayerNorm:
+  return common.LayerNorm(epsilon=eps, name=name, use_kernel=False)
+
+
 def pieces(rounds: int) -> None:
   opts = xla_options.compiler_options()
   rng = np.random.default_rng(0)
@@ -68,19 +75,22 @@ def pieces(rounds: int) -> None:
   x = jnp.asarray(rng.normal(size=(32, 197, 384)), jnp.float32)
   dy = jnp.asarray(rng.normal(size=(32, 197, 384)), jnp.float32)
   fns = {}
-  for name, make in (("flax", _flax_layer_norm), ("ours", common.layer_norm)):
+  for name, make in (("flax", _flax_layer_norm), ("xla", _xla_layer_norm),
+                     ("ours", common.layer_norm)):
     mod = make(1e-6)
     p = nn.unbox(mod.init(jax.random.PRNGKey(0), x))["params"]
     fns[name] = jax.jit(lambda p, x, dy, mod=mod: jax.vjp(
         lambda p, x: mod.apply({"params": p}, x), p, x)[1](dy)).lower(p, x, dy).compile(
             compiler_options=opts), p
+  print("LayerNorm fwd+bwd, width 384, median ms: flax / common.LayerNorm on XLA / ours")
   for r in range(rounds):
-    a, b = (_time_ms(f, p, x, dy) for f, p in (fns["flax"], fns["ours"]))
-    print(f"  LayerNorm fwd+bwd, width 384, round {r}: {a:6.2f} / {b:6.2f}  ({a / b:.1f}x)")
+    a, b, c = (_time_ms(f, p, x, dy) for f, p in (fns["flax"], fns["xla"], fns["ours"]))
+    print(f"  round {r}: {a:6.2f} / {b:6.2f} / {c:6.2f}  ({a / c:.2f}x, {b / c:.2f}x)")
 
 
 VARIANTS = {
     "ours": {},
+    "xla_ln": {"layer_norm": _xla_layer_norm},
     "flax_ln": {"layer_norm": _flax_layer_norm},
     "flax_ln_plain_bias": {"layer_norm": _flax_layer_norm, "add_bias": lambda y, b: y + b},
 }

@@ -29,12 +29,13 @@ default; see CPU_EIGEN_DOTS), `--cpu_dots default` keeps jax's default. `--mallo
 keep` (the default) makes glibc keep freed memory mapped, as the trainer does
 (host_memory.keep_freed_memory: one arena, no mmap, no trimming): XLA:CPU's temporaries
 (2.9 GB per ViT-S step at batch 32) are then reused instead of unmapped and faulted back in,
-~700k page faults per step with glibc's defaults. `--malloc hugepages` restarts the
+~636k page faults per step with glibc's defaults. `--malloc hugepages` restarts the
 process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 instead, which backs large allocations
 with transparent huge pages (~30x fewer faults). `--malloc default` leaves glibc as it is.
 Both sides run in one process, so torch gets the same malloc settings as ours.
-On one CPU device our attention is the fused kernel (big_vision_lite/kernels); the run
-prints which path it took, and `BVL_CPU_ATTENTION=0` measures the XLA path instead.
+On one CPU device our attention and LayerNorm are CPU kernels (big_vision_lite/kernels); the
+run prints which path each took, and `BVL_CPU_ATTENTION=0` / `BVL_CPU_LAYER_NORM=0` measure
+the XLA path instead.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import numpy as np
 
 from big_vision_lite import config as config_lib, host_memory, sharding, train, xla_options
 from big_vision_lite.convert import torch_env
-from big_vision_lite.kernels import cpu_attention
+from big_vision_lite.kernels import cpu_attention, cpu_layer_norm
 
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
               "B": "vit_base_patch16_224"}
@@ -270,8 +271,10 @@ def main() -> None:
   print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; glibc keeps freed memory: "
         + ("yes" if kept is None else f"no ({kept})"))
   print(f"our compiler_options: {opts}")
-  reason = cpu_attention.unavailable_reason() if jax.device_count() == 1 else "several devices"
-  print("our attention: " + ("fused CPU kernel (big_vision_lite/kernels/cpu_attention.cc)"
+  for what, kernel in (("attention", cpu_attention), ("LayerNorm", cpu_layer_norm)):
+    reason = kernel.unavailable_reason() if jax.device_count() == 1 else "several devices"
+    source = os.path.basename(kernel._SOURCE)  # pylint: disable=protected-access
+    print(f"our {what}: " + (f"CPU kernel (big_vision_lite/kernels/{source})"
                              if reason is None else f"XLA ({reason})"))
   print("our compile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
   for mode in ("train", "infer"):

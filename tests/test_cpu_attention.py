@@ -130,10 +130,11 @@ np.save(os.environ["GRADS"], np.concatenate([np.ravel(t) for t in jax.tree.leave
 def test_model_uses_kernel_on_one_device_and_falls_back(tmp_path):
   """A (scanned, remat) Encoder on one CPU device runs the kernel; with BVL_CPU_ATTENTION=0, or with
   no compiler, it runs XLA, logs why, and computes the same gradients."""
+  xla_layer_norm = {"BVL_CPU_LAYER_NORM": "0"}  # so the runs differ in attention alone
   envs = {
-      "kernel": {},
-      "off": {"BVL_CPU_ATTENTION": "0"},
-      "no_cxx": {"CXX": "/nonexistent/c++", "PATH": "/nonexistent",
+      "kernel": xla_layer_norm,
+      "off": {**xla_layer_norm, "BVL_CPU_ATTENTION": "0"},
+      "no_cxx": {**xla_layer_norm, "CXX": "/nonexistent/c++", "PATH": "/nonexistent",
                  "BVL_CACHE_DIR": str(tmp_path / "empty_cache")},
   }
   runs = {n: run_one_device(MODEL_CODE, {**e, "GRADS": str(tmp_path / f"{n}.npy")})

@@ -1,0 +1,168 @@
+"""The CPU LayerNorm kernel against NumPy, XLA's path (layer_norm_fn) and its own fallbacks.
+
+conftest gives this process 8 CPU devices, where layers keep the XLA path (the custom call
+has no sharding rule); the kernel itself is called directly here, and the one-device model
+path runs in a subprocess.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_vision_lite.kernels import cpu_layer_norm
+from big_vision_lite.models import common
+
+if cpu_layer_norm.unavailable_reason() is not None:
+  pytest.skip(f"CPU LayerNorm kernel: {cpu_layer_norm.unavailable_reason()}",
+              allow_module_level=True)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPS = 1e-6
+
+
+def np_layer_norm(x, scale, bias):
+  """LayerNorm over the last axis in float64; also returns xhat and 1/std for the VJP."""
+  x = np.asarray(x, np.float64)
+  xc = x - x.mean(-1, keepdims=True)
+  rstd = 1 / np.sqrt((xc * xc).mean(-1, keepdims=True) + EPS)
+  xhat = xc * rstd
+  return xhat * scale + bias, xhat, rstd
+
+
+def np_layer_norm_grads(x, scale, bias, dy):
+  """The VJP of np_layer_norm with cotangent dy, written out by hand."""
+  _, xhat, rstd = np_layer_norm(x, scale, bias)
+  dy = np.asarray(dy, np.float64)
+  g = dy * scale
+  dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+  rows = dy.reshape(-1, dy.shape[-1])
+  return dx, (rows * xhat.reshape(rows.shape)).sum(0), rows.sum(0)
+
+
+def operands(shape, seed=0, offset=1.0, spread=3.0):
+  r = np.random.default_rng(seed)
+  d = shape[-1]
+  return (np.float32(r.normal(size=shape) * spread + offset), np.float32(r.normal(size=d)),
+          np.float32(r.normal(size=d)), np.float32(r.normal(size=shape)))
+
+
+# Widths 16 (one vector) to 384; row counts below, at and across the kernel's 64-row tasks;
+# rows whose mean is 100x their spread. There float32 rounding of the mean alone leaves ~4e-5;
+# a one-pass variance (E[x^2] - mean^2) is off by ~5e-3 (numpy, float32).
+@pytest.mark.parametrize("shape,offset,spread,atol", [
+    ((5, 16), 1.0, 3.0, 2e-5), ((64, 48), 1.0, 3.0, 2e-5), ((3, 70, 48), 1.0, 3.0, 2e-5),
+    ((2, 197, 192), 1.0, 3.0, 2e-5), ((1, 1, 384), 1.0, 3.0, 2e-5),
+    ((4, 33, 64), 100.0, 1.0, 1e-4)])
+def test_forward_and_grads_match_numpy(shape, offset, spread, atol):
+  x, scale, bias, dy = operands(shape, offset=offset, spread=spread)
+  out, vjp = jax.vjp(jax.jit(lambda x, s, b: cpu_layer_norm._layer_norm(x, s, b, EPS)),
+                     x, scale, bias)
+  want, _, _ = np_layer_norm(x, scale, bias)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=atol)
+  for got, ref in zip(vjp(jnp.asarray(dy)), np_layer_norm_grads(x, scale, bias, dy)):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
+
+
+def test_matches_xla_path_and_vmaps():
+  x, scale, bias, dy = operands((2, 3, 19, 32), seed=2)
+
+  def both(f):
+    return jax.value_and_grad(lambda x, s, b: jnp.sum(f(x, s, b) * dy), argnums=(0, 1, 2))(
+        x, scale, bias)
+
+  xla = lambda x, s, b: common.layer_norm_fn(x, s, b, EPS)
+  ker = both(lambda x, s, b: cpu_layer_norm.layer_norm(x, s, b, EPS, xla))
+  for a, b in zip(jax.tree.leaves(ker), jax.tree.leaves(both(xla))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  # A vmapped call runs the kernel per batch element, with the (unbatched) scale and bias.
+  vm = jax.vmap(lambda x: cpu_layer_norm._layer_norm(x, scale, bias, EPS))(x)
+  np.testing.assert_allclose(vm, xla(x, scale, bias), rtol=1e-5, atol=1e-5)
+  per_example = jax.vmap(jax.grad(lambda x, s: jnp.sum(cpu_layer_norm._layer_norm(
+      x, s, bias, EPS) * dy[0]), argnums=1), in_axes=(0, None))(x, scale)
+  want = [np_layer_norm_grads(x[i], scale, bias, dy[0])[1] for i in range(len(x))]
+  np.testing.assert_allclose(per_example, want, rtol=1e-4, atol=1e-4)
+
+
+def test_repeat_calls_are_bitwise_equal():
+  """The scale and bias gradients are summed in a fixed order, whatever thread ran which rows."""
+  x, scale, bias, dy = operands((8, 197, 64), seed=3)
+  grad = jax.jit(jax.grad(lambda x, s, b: jnp.sum(cpu_layer_norm._layer_norm(x, s, b, EPS) * dy),
+                          argnums=(0, 1, 2)))
+  first = grad(x, scale, bias)
+  for _ in range(3):
+    for a, b in zip(first, grad(x, scale, bias)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_lowers_for_cpu_only():
+  """A CPU lowering holds the custom call; a TPU lowering of the same function does not."""
+  x, scale, bias, _ = operands((2, 8, 16))
+  xla = lambda x, s, b: common.layer_norm_fn(x, s, b, EPS)
+  f = jax.jit(lambda x, s, b: cpu_layer_norm.layer_norm(x, s, b, EPS, xla))
+  assert cpu_layer_norm._FWD in f.lower(x, scale, bias).as_text()
+  tpu = f.trace(x, scale, bias).lower(lowering_platforms=("tpu",)).as_text()
+  assert cpu_layer_norm._FWD not in tpu and "rsqrt" in tpu
+
+
+def test_supports_and_rejects():
+  x, s = jnp.zeros((2, 8, 32)), jnp.zeros((32,))
+  assert not cpu_layer_norm.supports(x, s, s)  # 8 devices in this process
+  assert not cpu_layer_norm.supports(x.astype(jnp.bfloat16), s, s)
+  assert not cpu_layer_norm.supports(x[..., :8], s[:8], s[:8])
+  assert not cpu_layer_norm.supports(x, s[:16], s[:16])
+  # Called directly with a width the kernel cannot take, it fails with a message, not garbage.
+  with pytest.raises(Exception, match="multiple of 16"):
+    jax.block_until_ready(cpu_layer_norm._layer_norm(x[..., :8], s[:8], s[:8], EPS))
+
+
+def run_one_device(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                        text=True, env=env, cwd=REPO, timeout=600)
+
+
+MODEL_CODE = """
+import os
+import jax, jax.numpy as jnp, numpy as np
+from big_vision_lite.kernels import cpu_layer_norm
+from big_vision_lite.models import common
+# Scanned and rematerialised layers: the custom VJP inside nn.scan and nn.remat.
+m = common.Encoder(depth=2, num_heads=2, scan=True, remat_policy="nothing_saveable")
+x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 32)), jnp.float32)
+params = m.init(jax.random.key(0), x)
+f = lambda p: jnp.sum(m.apply(p, x)[0] ** 2)
+hlo = jax.jit(jax.grad(f)).lower(params).as_text()
+print("KERNEL" if cpu_layer_norm._BWD in hlo else "XLA", cpu_layer_norm.unavailable_reason())
+g = jax.grad(f)(params)
+np.save(os.environ["GRADS"], np.concatenate([np.ravel(t) for t in jax.tree.leaves(g)]))
+"""
+
+
+def test_model_uses_kernel_on_one_device_and_falls_back(tmp_path):
+  """A (scanned, remat) Encoder on one CPU device runs the kernel; with BVL_CPU_LAYER_NORM=0,
+  or with no compiler, it runs XLA, logs why, and computes the same gradients."""
+  xla_attention = {"BVL_CPU_ATTENTION": "0"}  # so the runs differ in LayerNorm alone
+  envs = {
+      "kernel": xla_attention,
+      "off": {**xla_attention, "BVL_CPU_LAYER_NORM": "0"},
+      "no_cxx": {**xla_attention, "CXX": "/nonexistent/c++", "PATH": "/nonexistent",
+                 "BVL_CACHE_DIR": str(tmp_path / "empty_cache")},
+  }
+  runs = {n: run_one_device(MODEL_CODE, {**e, "GRADS": str(tmp_path / f"{n}.npy")})
+          for n, e in envs.items()}
+  for name, r in runs.items():
+    assert r.returncode == 0, (name, r.stderr[-2000:])
+  assert runs["kernel"].stdout.startswith("KERNEL None")
+  assert runs["off"].stdout.startswith("XLA disabled by BVL_CPU_LAYER_NORM")
+  assert runs["no_cxx"].stdout.startswith("XLA unavailable: no C++ compiler found")
+  assert "CPU LayerNorm kernel unavailable" in runs["no_cxx"].stderr
+
+  grads = {n: np.load(tmp_path / f"{n}.npy") for n in envs}
+  np.testing.assert_allclose(grads["kernel"], grads["off"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(grads["no_cxx"], grads["off"])
