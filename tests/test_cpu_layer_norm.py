@@ -5,16 +5,12 @@ has no sharding rule); the kernel itself is called directly here, and the one-de
 path runs in a subprocess.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernel_checks
 from big_vision_lite.kernels import cpu_layer_norm
 from big_vision_lite.models import common
 
@@ -22,7 +18,6 @@ if cpu_layer_norm.unavailable_reason() is not None:
   pytest.skip(f"CPU LayerNorm kernel: {cpu_layer_norm.unavailable_reason()}",
               allow_module_level=True)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 1e-6
 
 
@@ -121,48 +116,8 @@ def test_supports_and_rejects():
     jax.block_until_ready(cpu_layer_norm._layer_norm(x[..., :8], s[:8], s[:8], EPS))
 
 
-def run_one_device(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                        text=True, env=env, cwd=REPO, timeout=600)
-
-
-MODEL_CODE = """
-import os
-import jax, jax.numpy as jnp, numpy as np
-from big_vision_lite.kernels import cpu_layer_norm
-from big_vision_lite.models import common
-# Scanned and rematerialised layers: the custom VJP inside nn.scan and nn.remat.
-m = common.Encoder(depth=2, num_heads=2, scan=True, remat_policy="nothing_saveable")
-x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 32)), jnp.float32)
-params = m.init(jax.random.key(0), x)
-f = lambda p: jnp.sum(m.apply(p, x)[0] ** 2)
-hlo = jax.jit(jax.grad(f)).lower(params).as_text()
-print("KERNEL" if cpu_layer_norm._BWD in hlo else "XLA", cpu_layer_norm.unavailable_reason())
-g = jax.grad(f)(params)
-np.save(os.environ["GRADS"], np.concatenate([np.ravel(t) for t in jax.tree.leaves(g)]))
-"""
-
-
 def test_model_uses_kernel_on_one_device_and_falls_back(tmp_path):
   """A (scanned, remat) Encoder on one CPU device runs the kernel; with BVL_CPU_LAYER_NORM=0,
   or with no compiler, it runs XLA, logs why, and computes the same gradients."""
-  xla_attention = {"BVL_CPU_ATTENTION": "0"}  # so the runs differ in LayerNorm alone
-  envs = {
-      "kernel": xla_attention,
-      "off": {**xla_attention, "BVL_CPU_LAYER_NORM": "0"},
-      "no_cxx": {**xla_attention, "CXX": "/nonexistent/c++", "PATH": "/nonexistent",
-                 "BVL_CACHE_DIR": str(tmp_path / "empty_cache")},
-  }
-  runs = {n: run_one_device(MODEL_CODE, {**e, "GRADS": str(tmp_path / f"{n}.npy")})
-          for n, e in envs.items()}
-  for name, r in runs.items():
-    assert r.returncode == 0, (name, r.stderr[-2000:])
-  assert runs["kernel"].stdout.startswith("KERNEL None")
-  assert runs["off"].stdout.startswith("XLA disabled by BVL_CPU_LAYER_NORM")
-  assert runs["no_cxx"].stdout.startswith("XLA unavailable: no C++ compiler found")
-  assert "CPU LayerNorm kernel unavailable" in runs["no_cxx"].stderr
-
-  grads = {n: np.load(tmp_path / f"{n}.npy") for n in envs}
-  np.testing.assert_allclose(grads["kernel"], grads["off"], rtol=1e-4, atol=1e-5)
-  np.testing.assert_array_equal(grads["no_cxx"], grads["off"])
+  kernel_checks.check_model_uses_kernel_and_falls_back(
+      tmp_path, "cpu_layer_norm", "BVL_CPU_LAYER_NORM", "LayerNorm")

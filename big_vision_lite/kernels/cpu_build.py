@@ -2,13 +2,15 @@
 
 Each library is compiled on first use with the system C++ compiler (`$CXX`, else
 c++/g++/clang++) for the host CPU (-march=native) and cached under `$BVL_CACHE_DIR` (default
-~/.cache/big_vision_lite), keyed by the source, compiler, flags, jaxlib and CPU model. A
-kernel that cannot be built is reported, once, and its callers keep XLA's path.
+~/.cache/big_vision_lite), keyed by the source and the headers beside it, compiler, flags,
+jaxlib and CPU model. A kernel that cannot be built is reported, once, and its callers keep
+XLA's path.
 """
 
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import logging
 import os
@@ -59,8 +61,12 @@ def build(source_path: str, force: bool = False) -> str:
   cxx = compiler()
   if cxx is None:
     raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
-  with open(source_path, "rb") as f:
-    source = f.read()
+  # The key covers the headers beside the source too (cpu_kernel_common.h).
+  folder = os.path.dirname(os.path.abspath(source_path))
+  source = b""
+  for path in [source_path, *sorted(glob.glob(os.path.join(folder, "*.h")))]:
+    with open(path, "rb") as f:
+      source += f.read() + b"\0"
   try:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              timeout=60).stdout

@@ -11,25 +11,20 @@
 // as in models/common.layer_norm_fn. dscale and dbias are summed per task and the task sums
 // added in task order, so results do not depend on the number of threads.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_kernel_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kW = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(kW * sizeof(float))));
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return -vf{} + x; }
+using namespace bvl;  // NOLINT: the shared vector helpers
+
 inline float hsum(vf v) { float s = 0.f; for (int l = 0; l < kW; ++l) s += v[l]; return s; }
 
 constexpr int64_t kRowsPerItem = 64;  // rows per task
@@ -42,22 +37,6 @@ ffi::Error check_width(const ffi::Buffer<ffi::F32>& x, int64_t D) {
   return ffi::Error::Success();
 }
 
-// Runs fn(0..n-1) on XLA's intra-op pool and this thread; returns when all are done.
-template <typename Fn>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn&& fn) {
-  struct State { std::atomic<int64_t> next{0}; std::atomic<int64_t> done{0}; };
-  auto state = std::make_shared<State>();
-  auto work = [state, n, &fn]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) { fn(i); state->done.fetch_add(1); }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  // A helper that starts after every item was claimed never touches `fn` (a reference into
-  // this frame), and this call waits for every claimed item.
-  for (int64_t t = 0; t < helpers; ++t) { auto copy = work; pool.Schedule(std::move(copy)); }
-  work();
-  while (state->done.load() < n) std::this_thread::yield();
-}
-
 ffi::Error LnFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                  ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                  ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd, float eps) {
@@ -67,7 +46,7 @@ ffi::Error LnFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   const float *X = x.typed_data(), *S = scale.typed_data(), *B = bias.typed_data();
   float *Y = y->typed_data(), *M = mean->typed_data(), *R = rstd->typed_data();
   const int64_t items = (rows + kRowsPerItem - 1) / kRowsPerItem;
-  parallel_for(pool, items, [&](int64_t item) {
+  parallel_for(pool, items, 0, [&](int64_t item, float*) {
     const int64_t r1 = std::min(rows, (item + 1) * kRowsPerItem);
     for (int64_t r = item * kRowsPerItem; r < r1; ++r) {
       const float* xr = X + r * D;
@@ -100,7 +79,7 @@ ffi::Error LnBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   float *DX = dx->typed_data(), *DS = dscale->typed_data(), *DB = dbias->typed_data();
   const int64_t items = (rows + kRowsPerItem - 1) / kRowsPerItem;
   std::vector<float> part(items * 2 * D);
-  parallel_for(pool, items, [&](int64_t item) {
+  parallel_for(pool, items, 0, [&](int64_t item, float*) {
     float* ps = part.data() + item * 2 * D;
     float* pb = ps + D;
     std::memset(ps, 0, 2 * D * sizeof(float));
