@@ -38,7 +38,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _kept = False  # whether keep_freed_memory applied its settings in this process
 
 
-def _off(env: Mapping[str, str], name: str) -> bool:
+def opted_out(env: Mapping[str, str], name: str) -> bool:
+  """Whether the BVL_* switch `name` is set to 0/false/no/off in `env` (unset means on)."""
   return env.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
@@ -85,7 +86,7 @@ def add_tunable(env: Mapping[str, str]) -> dict[str, str]:
 
 def with_hugepages(env: Mapping[str, str], thp_path: str | None = None) -> dict[str, str]:
   """`add_tunable(env)` where the tunable applies; BVL_HUGEPAGES=0 in `env` leaves it as is."""
-  if _off(env, "BVL_HUGEPAGES") or not applies(thp_path):
+  if opted_out(env, "BVL_HUGEPAGES") or not applies(thp_path):
     return dict(env)
   return add_tunable(env)
 
@@ -135,7 +136,7 @@ def keep_freed_memory(env: Mapping[str, str] = os.environ, *, platforms: str | N
   global _kept
   if _kept:
     return None
-  if _off(env, "BVL_KEEP_HEAP"):
+  if opted_out(env, "BVL_KEEP_HEAP"):
     return "BVL_KEEP_HEAP=0"
   if not sys.platform.startswith("linux") or _glibc_version() is None:
     return "not glibc"

@@ -23,6 +23,8 @@ from typing import Mapping
 import jax
 import jaxlib
 
+from big_vision_lite import host_memory
+
 
 def compiler() -> str | None:
   for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
@@ -98,17 +100,12 @@ def build(source_path: str, force: bool = False) -> str:
   return path
 
 
-def disabled(env_var: str) -> bool:
-  """Whether `env_var` is set to 0/false/no/off (every kernel has one such opt-out)."""
-  return os.environ.get(env_var, "1").strip().lower() in ("0", "false", "no", "off")
-
-
 def load(source_path: str, targets: Mapping[str, str], env_var: str, what: str) -> str | None:
   """Builds `source_path`, loads it and registers `targets` ({FFI target: symbol}) for CPU.
 
   Returns None on success, else why not (with a warning naming `what` falls back to XLA).
   """
-  if disabled(env_var):
+  if host_memory.opted_out(os.environ, env_var):
     return f"disabled by {env_var}"
   try:
     lib = ctypes.cdll.LoadLibrary(build(source_path))
