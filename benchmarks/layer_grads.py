@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_setup  # noqa: E402
 import vs_pytorch  # noqa: E402  (the benchmark's trainer-built ViT step)
 
 from big_vision_lite import xla_options  # noqa: E402
@@ -129,8 +130,10 @@ def main() -> None:
   ap.add_argument("--variant", default="S", choices=sorted(vs_pytorch.TIMM_NAMES))
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--no-step", dest="step", action="store_false", help="pieces only")
+  bench_setup.add_malloc_flag(ap)
   args = ap.parse_args()
-  print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} cores")
+  malloc = bench_setup.keep_freed_memory(args.malloc)  # before JAX starts
+  print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} cores; {malloc}")
   pieces(args.rounds)
   if args.step:
     whole_step(args.variant, args.rounds)

@@ -3,7 +3,7 @@
     python benchmarks/moe_vs_dense.py [--batch 8] [--steps 3] [--res 224]
 
 Both steps are built with the trainer's own build/make_train_step on one CPU
-device, compiled, warmed up, then timed alternately (dense, moe, dense, ...) so
+device (and the trainer's malloc settings: `--malloc`), compiled, warmed up, then timed alternately (dense, moe, dense, ...) so
 background load hits both alike; the median step times give the ratio. FLOPs
 per image come from XLA's cost analysis of each compiled step (forward+backward,
 so ~3x the forward) and from the analytic forward formulas in flops.py.
@@ -12,13 +12,18 @@ so ~3x the forward) and from the analytic forward formulas in flops.py.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
 
-from big_vision_lite import config as config_lib, flops, sharding, train
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_setup  # noqa: E402
+
+from big_vision_lite import config as config_lib, flops, sharding, train  # noqa: E402
 
 
 def _config(model_name: str, res: int, batch: int, group_images: int = 1) -> config_lib.ConfigDict:
@@ -69,7 +74,9 @@ def main() -> None:
   ap.add_argument("--res", type=int, default=224)
   ap.add_argument("--group-images", type=int, default=1,
                   help="images per routing group (V-MoE groups whole images; capacity is per group)")
+  bench_setup.add_malloc_flag(ap)
   args = ap.parse_args()
+  malloc = bench_setup.keep_freed_memory(args.malloc)  # before JAX starts
   runs = {name: _prepare(name, args.res, args.batch, args.group_images) for name in ("vit", "vmoe")}
   for p in runs.values():  # warm-up
     _time_one(p)
@@ -79,7 +86,7 @@ def main() -> None:
       times[name].append(_time_one(p))
   med = {name: statistics.median(t) for name, t in times.items()}
   print(f"{jax.devices()[0].platform} x1, batch {args.batch}, res {args.res}, "
-        f"{args.group_images} image(s) per routing group, {args.steps} timed steps each")
+        f"{args.group_images} image(s) per routing group, {args.steps} timed steps each; {malloc}")
   for name, label in (("vit", "dense ViT-S/16"), ("vmoe", "MoE-ViT-S/16 E=8 k=2 every 2nd")):
     p = runs[name]
     xla = p["xla_flops"] / args.batch if p["xla_flops"] else float("nan")

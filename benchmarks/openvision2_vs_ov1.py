@@ -10,7 +10,8 @@ sigmoid losses, and its decoder generates the synthetic caption from all image t
 `--ov1_captions 1` keeps only the synthetic caption (a plain SigLIP + caption step,
 lighter than OpenVision 1).
 
-Both steps are jitted value_and_grad + AdamW; memory is the compiled step's
+Both steps are jitted value_and_grad + AdamW with the trainer's CPU settings (compile options;
+glibc keeps freed memory unless `--malloc default`); memory is the compiled step's
 memory_analysis() (arguments + outputs + temporaries - aliased), time the median of
 --steps timed steps after a warm-up. The paper (ViT-L/14, TPU) reports ~1.5x faster
 and ~1.8x less memory for OpenVision 2.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -30,7 +32,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from big_vision_lite import contrastive_loss  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_setup  # noqa: E402
+
+from big_vision_lite import contrastive_loss, xla_options  # noqa: E402
 from big_vision_lite.models import decoder as dec_lib, text as text_lib, vit as vit_lib  # noqa: E402
 from big_vision_lite.models.openvision2 import OpenVision2  # noqa: E402
 from big_vision_lite.models.two_towers import l2_normalize  # noqa: E402
@@ -69,7 +74,7 @@ def make_step(loss_fn, tx):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1), compiler_options=xla_options.compiler_options())
 
 
 def peak_bytes(compiled) -> tuple[int, int]:
@@ -115,7 +120,9 @@ def main():
   p.add_argument("--vocab", type=int, default=1024)
   p.add_argument("--keep", type=float, default=0.35)
   p.add_argument("--steps", type=int, default=5)
+  bench_setup.add_malloc_flag(p)
   a = p.parse_args()
+  malloc = bench_setup.keep_freed_memory(a.malloc)  # before JAX starts
   heads = max(1, a.width // 64)
   image = dict(width=a.width, depth=a.depth, mlp_dim=4 * a.width, num_heads=heads,
                patch_size=(a.patch, a.patch), posemb="learn", pool_type="gap")
@@ -125,7 +132,7 @@ def main():
            "labels": jnp.asarray(rng.integers(2, a.vocab, size=(a.batch, a.text_len)), jnp.int32)}
   alt = jnp.asarray(rng.integers(2, a.vocab, size=(a.batch, a.text_len)), jnp.int32)
   n_tok = (a.res // a.patch) ** 2
-  print(f"devices: {jax.devices()}; batch {a.batch}, {a.res}px / patch {a.patch} = {n_tok} image tokens, "
+  print(f"devices: {jax.devices()}; {malloc}; batch {a.batch}, {a.res}px / patch {a.patch} = {n_tok} image tokens, "
         f"ViT width {a.width} depth {a.depth}, text encoder/decoder depth {a.text_depth}, "
         f"{a.text_len} caption tokens, {a.ov1_captions} caption(s) per image in OV1's contrastive loss, keep {a.keep} ({max(1, round(n_tok * a.keep))} tokens)", flush=True)
 

@@ -6,7 +6,8 @@ Each row jits value_and_grad of a softmax-xent loss through our ViT (fp32, one
 device), reports compile time, median step time over `--steps` runs after one
 warm-up, and XLA's compiled memory analysis (temp = activations kept for the
 backward + scratch; args = params + batch). Small sizes so it runs in minutes on
-a laptop CPU; the trends (linear in batch and depth, ~quadratic attention share
+a laptop CPU, with the trainer's CPU settings (glibc keeps freed memory, `--malloc
+default` turns it off; XLA's Eigen dots); the trends (linear in batch and depth, ~quadratic attention share
 in tokens, scan compiles in constant time, remat trades time for temp memory)
 are what to read, not the absolute numbers.
 """
@@ -14,7 +15,9 @@ are what to read, not the absolute numbers.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import flax.linen as nn
@@ -22,7 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.models import vit as vit_lib
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_setup  # noqa: E402
+
+from big_vision_lite import xla_options  # noqa: E402
+from big_vision_lite.models import vit as vit_lib  # noqa: E402
 
 
 def measure(variant: str, *, batch: int, res: int, depth: int | None = None, scan: bool = False,
@@ -42,7 +49,8 @@ def measure(variant: str, *, batch: int, res: int, depth: int | None = None, sca
     return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * y, -1))
 
   t0 = time.perf_counter()
-  step = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+  step = jax.jit(jax.value_and_grad(loss)).lower(params).compile(
+      compiler_options=xla_options.compiler_options())
   compile_s = time.perf_counter() - t0
   jax.block_until_ready(step(params))
   times = []
@@ -69,10 +77,13 @@ def main() -> None:
   ap.add_argument("--res", type=int, default=64, help="resolution for the non-resolution sweeps")
   ap.add_argument("--depth", type=int, default=4, help="depth for the non-depth sweeps")
   ap.add_argument("--steps", type=int, default=3)
+  bench_setup.add_malloc_flag(ap)
   args = ap.parse_args()
+  malloc = bench_setup.keep_freed_memory(args.malloc)
   b, r, d = args.batch, args.res, args.depth
   print(f"ViT-{args.variant} fwd+bwd (value_and_grad), fp32, {jax.devices()[0].platform} x1, "
         f"median of {args.steps} steps; defaults batch {b}, res {r}, depth {d}")
+  print(f"{malloc}; compiler_options {xla_options.compiler_options()}")
   print("| setting                      | compile s | step ms | img/s | temp MiB | args MiB |")
   print("|------------------------------|---------:|--------:|------:|---------:|---------:|")
   run = lambda label, batch=b, **kw: print(_row(label, measure(

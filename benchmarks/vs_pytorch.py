@@ -35,7 +35,9 @@ with transparent huge pages (~30x fewer faults). `--malloc default` leaves glibc
 Both sides run in one process, so torch gets the same malloc settings as ours.
 On one CPU device our attention and LayerNorm are CPU kernels (big_vision_lite/kernels); the
 run prints which path each took, and `BVL_CPU_ATTENTION=0` / `BVL_CPU_LAYER_NORM=0` measure
-the XLA path instead.
+the XLA path instead. "machine before/after" lines give both frameworks' matmul speed and
+the memory copy rate around the timed steps: on a shared VM these vary from hour to hour,
+and ratios from runs whose machine lines differ are not comparable.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from big_vision_lite import config as config_lib, host_memory, sharding, train, xla_options
+from big_vision_lite import config as config_lib, flops, host_memory, sharding, train, xla_options
 from big_vision_lite.convert import torch_env
 from big_vision_lite.kernels import cpu_attention, cpu_layer_norm
 
@@ -186,6 +188,34 @@ def thread_settings(torch_mod) -> str:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
+def machine_state(torch_mod, size: int = 2048, repeats: int = 5) -> str:
+  """One line on how fast this machine is right now: both frameworks' fp32 matmul and a memory copy.
+
+  On a shared VM the same step can take 1.5-2x longer from one hour to the next, and not
+  alike for both frameworks (RESULTS.md, round 8), so each run records the state it ran in:
+  ratios are compared across runs only where these numbers match.
+  """
+  jax_rate = flops.measure_matmul_flops(jax.devices()[0], size=size, repeats=repeats)
+  a = torch_mod.ones(size, size)
+  best = float("inf")
+  for i in range(repeats + 1):  # the first call warms up
+    t0 = time.perf_counter()
+    torch_mod.mm(a, a)
+    if i:
+      best = min(best, time.perf_counter() - t0)
+  torch_rate = 2.0 * size ** 3 / best
+  src = np.ones(64 << 20, np.float32)  # 256 MB: far beyond any cache
+  dst = np.empty_like(src)
+  np.copyto(dst, src)  # fault the pages in
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - t0)
+  return (f"{size}^2 fp32 matmul: jax {jax_rate / 1e9:.0f} GFLOP/s, torch {torch_rate / 1e9:.0f} "
+          f"GFLOP/s; memory copy {2 * src.nbytes / best / 1e9:.1f} GB/s (read + write, numpy)")
+
+
 def _cpu_s() -> float:
   r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
   return r.ru_utime + r.ru_stime
@@ -277,6 +307,7 @@ def main() -> None:
     print(f"our {what}: " + (f"CPU kernel (big_vision_lite/kernels/{source})"
                              if reason is None else f"XLA ({reason})"))
   print("our compile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
+  print("machine before: " + machine_state(theirs.torch))
   for mode in ("train", "infer"):
     if mode not in modes:
       continue
@@ -292,6 +323,7 @@ def main() -> None:
     _report("all steps", batch, wall, cpu, first=0)
     if args.block > 1:
       _report("steady (each block's first step left out)", batch, wall, cpu, first=1)
+  print("machine after: " + machine_state(theirs.torch))
 
 
 if __name__ == "__main__":

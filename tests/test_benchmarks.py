@@ -32,6 +32,10 @@ def test_vs_pytorch_prints_settings_times_and_ratios():
   assert re.search(r"glibc keeps freed memory: (yes$|no \(not glibc\))", out, re.M)
   assert re.search(r"our attention: (CPU kernel|XLA)", out)
   assert re.search(r"our LayerNorm: (CPU kernel|XLA)", out)
+  machine = re.findall(r"^machine (before|after): 2048\^2 fp32 matmul: jax (\d+) GFLOP/s, "
+                       r"torch (\d+) GFLOP/s; memory copy (\d+\.\d) GB/s", out, re.M)
+  assert [m[0] for m in machine] == ["before", "after"], out
+  assert all(float(x) > 0 for m in machine for x in m[1:])
   assert "train step (fwd+bwd+AdamW), batch 2" in out and "forward only, batch 2" in out
   # Per side and mode, 2 rounds of 2 steps: "a, b | c, d".
   rounds = re.findall(r"^  (ours|torch) +wall s by round: (.*)$", out, re.M)
@@ -44,6 +48,7 @@ def test_vs_pytorch_prints_settings_times_and_ratios():
 
 def test_layer_grads_pieces_print_all_timings():
   out = run("layer_grads.py", "--variant", "Ti", "--rounds", "1", "--no-step")
+  assert re.search(r"cores; glibc keeps freed memory: (yes|no \(not glibc\))$", out, re.M), out
   rows = re.findall(r"^  bias grad, width +\d+, round 0: +"
                     r"(\d+\.\d+) / +(\d+\.\d+) +\((\d+\.\d+)x\)$", out, re.M)
   assert len(rows) == 2, out
@@ -56,3 +61,45 @@ def test_layer_grads_pieces_print_all_timings():
   flax, xla, ours, r1, r2 = map(float, ln[0])
   assert min(flax, xla, ours) > 0
   assert r1 == pytest.approx(flax / ours, rel=0.05) and r2 == pytest.approx(xla / ours, rel=0.05)
+
+
+MALLOC_LINE = r"glibc keeps freed memory: (yes|no \(not glibc\))"
+
+
+@pytest.mark.slow  # ~40 s: 17 compiles
+def test_scaling_prints_one_row_per_setting_with_the_trainers_settings():
+  out = run("scaling.py", "--steps", "1", "--batch", "4", "--res", "32", "--depth", "1")
+  assert re.search(MALLOC_LINE + r"; compiler_options \{'xla_cpu_experimental_ynn_fusion_type': ''\}",
+                   out), out
+  rows = re.findall(r"^\| (.+?) +\| +(\d+\.\d+) \| +(\d+\.\d+) \| +(\d+\.\d+) \| +(\d+\.\d+) \| "
+                    r"+(\d+\.\d+) \|$", out, re.M)
+  labels = [r[0] for r in rows]
+  assert labels[:3] == ["batch 2", "batch 4", "batch 8"], out
+  assert "depth 2 scan" in labels and "remat nothing_saveable + scan" in labels, labels
+  for _, compile_s, step_ms, ips, _, args_mib in rows:
+    assert float(compile_s) > 0 and float(step_ms) > 0 and float(args_mib) > 0
+  # The parameter memory of the depth sweep grows with depth (the rows are real measurements).
+  args_by_label = {r[0]: float(r[5]) for r in rows}
+  assert args_by_label["depth 0 unrolled"] < args_by_label["depth 1 unrolled"] < args_by_label["depth 2 unrolled"]
+
+
+@pytest.mark.slow  # ~30 s: two ViT-S/16 train steps compiled
+def test_moe_vs_dense_prints_both_steps_and_the_ratio():
+  out = run("moe_vs_dense.py", "--res", "32", "--batch", "2", "--steps", "1")
+  assert re.search(r"1 timed steps each; " + MALLOC_LINE + "$", out, re.M), out
+  steps = dict(re.findall(r"^  (dense ViT-S/16|MoE-ViT-S/16 E=8 k=2 every 2nd) +step (\d+\.\d+) s",
+                          out, re.M))
+  assert len(steps) == 2, out
+  ratio = float(re.search(r"step-time ratio MoE/dense = (\d+\.\d+)", out).group(1))
+  assert ratio == pytest.approx(float(steps["MoE-ViT-S/16 E=8 k=2 every 2nd"])
+                                / float(steps["dense ViT-S/16"]), rel=0.02)
+
+
+@pytest.mark.slow  # ~20 s
+def test_openvision2_vs_ov1_prints_both_steps_and_ratios():
+  out = run("openvision2_vs_ov1.py", "--steps", "1", "--batch", "4", "--depth", "1",
+            "--text_depth", "1", "--width", "64")
+  assert re.search(r"\]; " + MALLOC_LINE + "; batch 4", out), out
+  assert re.search(r"OpenVision 1 \(2x SigLIP \+ caption\): +\d+\.\d ms/step", out), out
+  assert re.search(r"OpenVision 2 \(caption, keep 0\.35\): +\d+\.\d ms/step", out), out
+  assert re.search(r"step-time ratio OV1/OV2: \d+\.\d+x", out), out

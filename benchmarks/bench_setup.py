@@ -1,0 +1,27 @@
+"""The trainer's CPU settings for the benchmark scripts, so their numbers are the trainer's.
+
+The trainer makes glibc keep the memory XLA:CPU frees (host_memory.keep_freed_memory, which must
+run before JAX starts its backends) and compiles with xla_options.compiler_options(). A script
+adds `--malloc` with `add_malloc_flag`, calls `keep_freed_memory(args.malloc)` before its first
+JAX computation and prints the line it returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from big_vision_lite import host_memory
+
+
+def add_malloc_flag(ap: argparse.ArgumentParser) -> None:
+  ap.add_argument("--malloc", default="keep", choices=("keep", "default"),
+                  help="'keep' (as the trainer): glibc keeps freed memory mapped, so XLA:CPU's "
+                       "temporaries are reused without page faults; 'default': glibc as it is")
+
+
+def keep_freed_memory(choice: str) -> str:
+  """Applies `--malloc` and returns a line saying what holds; call it before JAX starts."""
+  if choice == "default":
+    return "glibc keeps freed memory: no (--malloc default)"
+  why_not = host_memory.keep_freed_memory()
+  return "glibc keeps freed memory: " + ("yes" if why_not is None else f"no ({why_not})")
