@@ -67,6 +67,10 @@ def test_with_hugepages_leaves_env_where_it_cannot_work(thp, monkeypatch, case):
 def test_hint_only_for_cpu_runs_without_the_tunable(thp):
   p = str(thp)
   assert TUNABLE in host_memory.hint("cpu", {}, p)
+  # Code that drives the trainer itself is pointed at keep_freed_memory, unless it opted out.
+  assert "keep_freed_memory() runs before JAX starts" in host_memory.hint("cpu", {}, p)
+  opted = host_memory.hint("cpu", {"BVL_KEEP_HEAP": "0"}, p)
+  assert TUNABLE in opted and "keep_freed_memory" not in opted
   assert host_memory.hint("cpu", {"GLIBC_TUNABLES": f"x=1:{TUNABLE}"}, p) is None
   assert host_memory.hint("gpu", {}, p) is None and host_memory.hint("tpu", {}, p) is None
 
