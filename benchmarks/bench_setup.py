@@ -20,8 +20,11 @@ def add_malloc_flag(ap: argparse.ArgumentParser) -> None:
 
 
 def keep_freed_memory(choice: str) -> str:
-  """Applies `--malloc` and returns a line saying what holds; call it before JAX starts."""
-  if choice == "default":
-    return "glibc keeps freed memory: no (--malloc default)"
+  """Applies `--malloc` and returns a line saying what holds; call it before JAX starts.
+
+  Any choice but "keep" (vs_pytorch.py also has "hugepages") leaves glibc's heap as it is.
+  """
+  if choice != "keep":
+    return f"glibc keeps freed memory: no (--malloc {choice})"
   why_not = host_memory.keep_freed_memory()
   return "glibc keeps freed memory: " + ("yes" if why_not is None else f"no ({why_not})")

@@ -3,8 +3,8 @@
     python benchmarks/moe_vs_dense.py [--batch 8] [--steps 3] [--res 224]
 
 Both steps are built with the trainer's own build/make_train_step on one CPU
-device (and the trainer's malloc settings: `--malloc`), compiled, warmed up, then timed alternately (dense, moe, dense, ...) so
-background load hits both alike; the median step times give the ratio. FLOPs
+device, with the trainer's malloc settings (`--malloc`), compiled, warmed up,
+then timed alternately (dense, moe, dense, ...) so background load hits both alike; the median step times give the ratio. FLOPs
 per image come from XLA's cost analysis of each compiled step (forward+backward,
 so ~3x the forward) and from the analytic forward formulas in flops.py.
 """

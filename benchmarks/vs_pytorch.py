@@ -50,12 +50,18 @@ import sys
 import time
 from typing import Callable
 
+import mmap
+
 import jax
 import numpy as np
 
-from big_vision_lite import config as config_lib, flops, host_memory, sharding, train, xla_options
-from big_vision_lite.convert import torch_env
-from big_vision_lite.kernels import cpu_attention, cpu_layer_norm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_setup  # noqa: E402
+
+from big_vision_lite import (  # noqa: E402
+    config as config_lib, flops, host_memory, sharding, train, xla_options)
+from big_vision_lite.convert import torch_env  # noqa: E402
+from big_vision_lite.kernels import cpu_attention, cpu_layer_norm  # noqa: E402
 
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
               "B": "vit_base_patch16_224"}
@@ -197,23 +203,28 @@ def machine_state(torch_mod, size: int = 2048, repeats: int = 5) -> str:
   """
   jax_rate = flops.measure_matmul_flops(jax.devices()[0], size=size, repeats=repeats)
   a = torch_mod.ones(size, size)
-  best = float("inf")
-  for i in range(repeats + 1):  # the first call warms up
-    t0 = time.perf_counter()
-    torch_mod.mm(a, a)
-    if i:
-      best = min(best, time.perf_counter() - t0)
-  torch_rate = 2.0 * size ** 3 / best
-  src = np.ones(64 << 20, np.float32)  # 256 MB: far beyond any cache
-  dst = np.empty_like(src)
-  np.copyto(dst, src)  # fault the pages in
+  torch_rate = 2.0 * size ** 3 / _best_s(lambda: torch_mod.mm(a, a), repeats)
+  # 256 MB each, far beyond any cache, mapped apart from glibc's heap: with --malloc keep the
+  # heap never shrinks, and the probe must not change the heap layout of the steps it brackets.
+  nbytes = 256 << 20
+  with mmap.mmap(-1, nbytes) as src_buf, mmap.mmap(-1, nbytes) as dst_buf:
+    src = np.frombuffer(src_buf, np.float32)
+    dst = np.frombuffer(dst_buf, np.float32)
+    copy_s = _best_s(lambda: np.copyto(dst, src), repeats)  # the warm-up call faults pages in
+    del src, dst  # the buffers cannot close while arrays still view them
+  return (f"{size}^2 fp32 matmul: jax {jax_rate / 1e9:.0f} GFLOP/s, torch {torch_rate / 1e9:.0f} "
+          f"GFLOP/s; memory copy {2 * nbytes / copy_s / 1e9:.1f} GB/s (read + write, numpy)")
+
+
+def _best_s(fn: Callable[[], object], repeats: int) -> float:
+  """Fastest of `repeats` timed calls of `fn`, after one untimed warm-up call."""
+  fn()
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
-    np.copyto(dst, src)
+    fn()
     best = min(best, time.perf_counter() - t0)
-  return (f"{size}^2 fp32 matmul: jax {jax_rate / 1e9:.0f} GFLOP/s, torch {torch_rate / 1e9:.0f} "
-          f"GFLOP/s; memory copy {2 * src.nbytes / best / 1e9:.1f} GB/s (read + write, numpy)")
+  return best
 
 
 def _cpu_s() -> float:
@@ -287,7 +298,7 @@ def main() -> None:
   if args.malloc == "hugepages":
     _restart_with_hugepages()
   # Before JAX starts (XLA's threads take their malloc arenas at their first allocation).
-  kept = host_memory.keep_freed_memory() if args.malloc == "keep" else "--malloc " + args.malloc
+  malloc = bench_setup.keep_freed_memory(args.malloc)
   modes = {"train", "infer"} if args.mode == "both" else {args.mode}
 
   if args.cpu_dots == "default":
@@ -298,8 +309,7 @@ def main() -> None:
   print(f"ViT-{args.variant}/16 at {args.res}px, {CLASSES} classes, fp32; jax {jax.__version__} "
         f"({jax.devices()[0].platform}), torch {theirs.torch.__version__}")
   print(thread_settings(theirs.torch))
-  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; glibc keeps freed memory: "
-        + ("yes" if kept is None else f"no ({kept})"))
+  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; {malloc}")
   print(f"our compiler_options: {opts}")
   for what, kernel in (("attention", cpu_attention), ("LayerNorm", cpu_layer_norm)):
     reason = kernel.unavailable_reason() if jax.device_count() == 1 else "several devices"
