@@ -133,6 +133,7 @@ def main() -> None:
   bench_setup.add_malloc_flag(ap)
   args = ap.parse_args()
   malloc = bench_setup.keep_freed_memory(args.malloc)  # before JAX starts
+  print(bench_setup.cpu_line())
   print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} cores; {malloc}")
   pieces(args.rounds)
   if args.step:

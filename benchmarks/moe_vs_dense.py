@@ -77,6 +77,7 @@ def main() -> None:
   bench_setup.add_malloc_flag(ap)
   args = ap.parse_args()
   malloc = bench_setup.keep_freed_memory(args.malloc)  # before JAX starts
+  print(bench_setup.cpu_line())
   runs = {name: _prepare(name, args.res, args.batch, args.group_images) for name in ("vit", "vmoe")}
   for p in runs.values():  # warm-up
     _time_one(p)

@@ -123,6 +123,7 @@ def main():
   bench_setup.add_malloc_flag(p)
   a = p.parse_args()
   malloc = bench_setup.keep_freed_memory(a.malloc)  # before JAX starts
+  print(bench_setup.cpu_line())
   heads = max(1, a.width // 64)
   image = dict(width=a.width, depth=a.depth, mlp_dim=4 * a.width, num_heads=heads,
                patch_size=(a.patch, a.patch), posemb="learn", pool_type="gap")

@@ -81,6 +81,7 @@ def main() -> None:
   args = ap.parse_args()
   malloc = bench_setup.keep_freed_memory(args.malloc)
   b, r, d = args.batch, args.res, args.depth
+  print(bench_setup.cpu_line())
   print(f"ViT-{args.variant} fwd+bwd (value_and_grad), fp32, {jax.devices()[0].platform} x1, "
         f"median of {args.steps} steps; defaults batch {b}, res {r}, depth {d}")
   print(f"{malloc}; compiler_options {xla_options.compiler_options()}")

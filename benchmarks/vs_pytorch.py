@@ -308,6 +308,7 @@ def main() -> None:
   theirs = Torch(args.variant, args.batch, args.infer_batch, args.res, modes)
   print(f"ViT-{args.variant}/16 at {args.res}px, {CLASSES} classes, fp32; jax {jax.__version__} "
         f"({jax.devices()[0].platform}), torch {theirs.torch.__version__}")
+  print(bench_setup.cpu_line())
   print(thread_settings(theirs.torch))
   print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; {malloc}")
   print(f"our compiler_options: {opts}")

@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
-from big_vision_lite import files
+from big_vision_lite import files, host_cpu
 
 # bf16 dense peak FLOP/s per *JAX device* (not per chip where they differ:
 # TPU v2/v3 expose each of a chip's two cores as a device). Matched in order
@@ -210,8 +210,9 @@ def default_peak_flops(device: Any = None, *,
   """Peak FLOP/s of one device and where the number came from.
 
   Known TPUs/GPUs come from a table (bf16 dense). Anything else, CPU included,
-  is measured once with a matmul probe and cached by device kind + CPU count in
-  `cache_path` (None disables the cache). On CPU the probe measures the whole
+  is measured once with a matmul probe and cached by device kind, CPU count and CPU model
+  (`host_cpu.signature()`: a home directory shared by hosts with other CPUs keeps one
+  number per CPU) in `cache_path` (None disables the cache). On CPU the probe measures the whole
   host, which all local CPU devices share, so the per-device peak is the host
   rate divided by the number of local CPU devices; MFU then comes out the same
   whatever `jax_num_cpu_devices` is. A config's `mfu_peak_flops` should
@@ -225,7 +226,7 @@ def default_peak_flops(device: Any = None, *,
     hit = table_peak_flops(kind)
     if hit is not None:
       return hit
-  key = f"{kind}|cpus={os.cpu_count()}"
+  key = f"{kind}|cpus={os.cpu_count()}|cpu={host_cpu.model_name()} {host_cpu.signature()}"
   cache = {}
   path = os.path.expanduser(cache_path) if cache_path else None
   if path and os.path.exists(path):
@@ -247,7 +248,7 @@ def default_peak_flops(device: Any = None, *,
   if device.platform == "cpu":
     n = sum(1 for d in jax.local_devices() if d.platform == "cpu") or 1
     return rate / n, (f"measured by matmul probe ({rate / 1e9:.1f} GFLOP/s fp32 host, "
-                      f"shared by {n} CPU device{'s' if n > 1 else ''})")
+                      f"{host_cpu.model_name()}, shared by {n} CPU device{'s' if n > 1 else ''})")
   return rate, f"measured by matmul probe (unknown device kind {kind!r})"
 
 

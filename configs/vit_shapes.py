@@ -3,13 +3,13 @@
 #   python -m big_vision_lite.train --config configs/vit_shapes.py --workdir runs/vit
 #
 # Expected: validation prec@1 >= 0.90 (8 shape classes, chance 0.125) in under
-# 10 minutes on 2 CPU cores. Measured (2 cores, 1 CPU device, 2026-11-25, with
-# the LayerNorm kernel): 0.9435 after 1200 steps in 3 min 47 s wall (dataset
+# 10 minutes on 2 CPU cores. Measured (2-core AMD EPYC VM, 1 CPU device,
+# 2026-11-25, with the LayerNorm kernel): 0.9435 after 1200 steps in 3 min 47 s wall (dataset
 # already cached; its first build adds ~18 s); ~766 img/s, MFU ~33%.
 # Curve: 0.497 / 0.8225 / 0.9205 / 0.9435 at steps 300 / 600 / 900 / 1200.
 # The run is deterministic on one machine (identical losses run to run), but
 # its end point moves with float-level changes: 0.927 with BVL_CPU_LAYER_NORM=0,
-# 0.964 on 2026-11-24 before this environment was rebuilt (README).
+# 0.964 on the 2-core Intel Xeon VM used until 2026-11-24 (README).
 """ViT on bvl_shapes: the README's first training command."""
 
 from big_vision_lite.config import ConfigDict, parse_arg

@@ -18,6 +18,8 @@ def run(script: str, *args: str) -> str:
   r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
                      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
+  # Every script says which CPU its numbers come from (bench_setup.cpu_line).
+  assert re.search(rf"^CPU: .+, {os.cpu_count()} cores", r.stdout, re.M), r.stdout
   return r.stdout
 
 
@@ -27,6 +29,7 @@ def test_vs_pytorch_prints_settings_times_and_ratios():
   out = run("vs_pytorch.py", "--variant", "Ti", "--res", "32", "--batch", "2", "--infer_batch",
             "2", "--steps", "2", "--block", "2")
   assert out.startswith("ViT-Ti/16 at 32px, 1000 classes, fp32")
+  assert out.splitlines()[1].startswith("CPU: ")
   assert "torch threads" in out and "GLIBC_TUNABLES=" in out
   # --malloc keep, the default, applies before JAX starts (where glibc is the libc).
   assert re.search(r"glibc keeps freed memory: (yes$|no \(not glibc\))", out, re.M)

@@ -146,6 +146,24 @@ def test_cpu_peak_is_measured_cached_and_shared(tmp_path, monkeypatch):
   assert flops.default_peak_flops(dev, cache_path=str(cache))[0] == peak
 
 
+def test_cpu_peak_of_another_cpu_model_is_not_reused(tmp_path, monkeypatch):
+  # A home directory shared by hosts with different CPUs (NFS on a cluster, or a VM moved to
+  # another host) must not hand one CPU's peak to the other.
+  cache = tmp_path / "peak.json"
+  dev = jax.devices()[0]
+  monkeypatch.setattr(flops, "measure_matmul_flops", lambda *a, **k: 1e11)
+  monkeypatch.setattr(flops.host_cpu, "signature", lambda *a, **k: "cpu-a")
+  flops.default_peak_flops(dev, cache_path=str(cache))
+  monkeypatch.setattr(flops, "measure_matmul_flops", lambda *a, **k: 3e11)
+  monkeypatch.setattr(flops.host_cpu, "signature", lambda *a, **k: "cpu-b")
+  n = len(jax.local_devices())
+  peak, desc = flops.default_peak_flops(dev, cache_path=str(cache))
+  assert peak == pytest.approx(3e11 / n)
+  assert flops.host_cpu.model_name() in desc
+  rates = sorted(json.loads(cache.read_text()).values())
+  assert rates == [1e11, 3e11]
+
+
 def test_compiled_flops_forms():
   one = types.SimpleNamespace(cost_analysis=lambda: {"flops": 10.0})
   many = types.SimpleNamespace(cost_analysis=lambda: [{"flops": 10.0}, {"flops": 5.0}])

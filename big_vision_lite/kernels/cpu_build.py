@@ -23,7 +23,7 @@ from typing import Mapping
 import jax
 import jaxlib
 
-from big_vision_lite import host_memory
+from big_vision_lite import host_cpu, host_memory
 
 
 def compiler() -> str | None:
@@ -37,17 +37,6 @@ def cache_dir() -> str:
   base = os.environ.get("BVL_CACHE_DIR") or os.path.join(
       os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "big_vision_lite")
   return os.path.join(base, "kernels")
-
-
-def _cpu_signature() -> str:
-  # -march=native code is only valid on the same kind of CPU; a shared cache (NFS home on a
-  # cluster) keeps one library per CPU model and feature set.
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = [l for l in f if l.startswith(("model name", "flags", "Features", "CPU part"))]
-    return "".join(sorted(set(lines)))
-  except OSError:
-    return platform.processor()
 
 
 def _flags() -> list[str]:
@@ -76,7 +65,9 @@ def build(source_path: str, force: bool = False) -> str:
     raise RuntimeError(f"C++ compiler {cxx} does not run: {e}") from None
   key = hashlib.sha256(b"\0".join([
       source, version.encode(), " ".join(_flags()).encode(), jaxlib.__version__.encode(),
-      platform.machine().encode(), _cpu_signature().encode()])).hexdigest()[:16]
+      # -march=native code is only valid on the same kind of CPU; a shared cache (NFS home on
+      # a cluster) keeps one library per CPU model and feature set.
+      platform.machine().encode(), host_cpu.signature().encode()])).hexdigest()[:16]
   out_dir = cache_dir()
   stem = os.path.splitext(os.path.basename(source_path))[0]
   path = os.path.join(out_dir, f"{stem}-{key}.so")
