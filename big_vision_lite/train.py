@@ -445,6 +445,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
         state, step_metrics = train_step(state, sharding.global_batch(local, mesh))
         if step % config.log_training_steps == 0 or step == total_steps:
           last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          bad = skipped_bad_examples(train_iter, step, config.input.batch_size)
+          if bad is not None:
+            last["skipped_bad_examples"] = float(bad)
           last.update(throughput.tick(step, config.input.batch_size))
           writer.write(step, last)
           progress.update(step, last)
@@ -474,6 +477,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
       ckpt.wait_until_finished()
       ckpt.close()
   return last
+
+
+def skipped_bad_examples(train_iter: Any, step: int, global_batch_size: int) -> int | None:
+  """Bad training examples skipped by all processes up to `step` (config.input.bad_examples).
+
+  Exact and deterministic, and it survives resumes: it comes from the input iterators' state
+  (pipeline.records_read), not from counters in the input workers. Every process must call it
+  at the same steps (one all-gather where there are several). None where the iterator's
+  state does not tell.
+  """
+  read = pipeline.records_read(train_iter)
+  if read is None:
+    return None
+  bad = read - step * (global_batch_size // jax.process_count())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    bad = int(np.sum(multihost_utils.process_allgather(np.asarray(bad, np.int32))))
+  return bad
 
 
 def _check_guard(config, step: int, status: tuple[int, int, int], reported: tuple[int, int], ckpt,

@@ -4,6 +4,7 @@ a padded, masked, exactly-once eval iterable, both sharded per JAX process."""
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import math
 import multiprocessing
@@ -236,6 +237,25 @@ def make_train_iterator(
                                      prefetch_buffer_size=prefetch_buffer_size),
   )
   return iter(loader)
+
+
+def records_read(iterator: Any) -> int | None:
+  """How many records a train iterator has read for the batches it returned: good and bad.
+
+  Read from the iterator's checkpointable state, so it is exact, deterministic and survives a
+  resume: the state holds, per input worker, the sampler position of the last record behind a
+  returned batch, and worker w of W reads positions w, w + W, w + 2W, ... (grain's
+  DataLoader; W = 1 without workers; a worker that has returned nothing sits at w - W). The
+  records read minus the examples returned are the bad examples skipped. None where the
+  state does not have that form (another iterator, or another grain's format).
+  """
+  try:
+    state = json.loads(iterator.get_state())
+    workers = max(1, int(state["worker_count"]))
+    last_seen = {int(w): int(last) for w, last in state["last_seen_indices"].items()}
+  except (AttributeError, KeyError, TypeError, ValueError):
+    return None
+  return sum((last - w) // workers + 1 for w, last in last_seen.items())
 
 
 class _EvalExample:

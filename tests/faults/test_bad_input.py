@@ -1,6 +1,7 @@
 """Bad training data: undecodable, zero-size, grayscale/alpha/palette images, labels out of
 range. Converted where possible, otherwise skipped and counted (deterministic, checkpointable
-iterator), and a run stops past config.input.max_bad_fraction naming the record."""
+iterator; the count of skipped records in metrics.jsonl, exact across a resume), and a run stops
+past config.input.max_bad_fraction naming the record."""
 
 import io
 import logging
@@ -10,6 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import metric_rows, tiny_config
+
+from big_vision_lite import distributed, train
 from big_vision_lite.data import pipeline, sources
 from big_vision_lite.data.errors import BadExample, BadInputError
 from big_vision_lite.data.ops_image import decode_image
@@ -108,3 +112,62 @@ def test_error_policy_stops_at_the_first_bad_record(dirty):
   with pytest.raises(BadInputError, match=r"bad example, record (17|123|250|301) of .*bad_examples='error'"):
     for _ in range(60):
       next(it)
+
+
+def _expected_skipped(bad, batch, steps, n=400, seed=0):
+  """Reference: bad records among the sampler positions read before each batch's last example
+  (one input stream, no workers), walked with the sampler alone."""
+  sampler = distributed.GlobalBatchSampler(n, seed=seed, global_batch_size=batch, process_index=0,
+                                           process_count=1)
+  out, good, skipped, pos = [], 0, 0, 0
+  while len(out) < steps:
+    if sampler[pos].record_key in bad:
+      skipped += 1
+    else:
+      good += 1
+      if good % batch == 0:
+        out.append(skipped)
+    pos += 1
+  return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_records_read_gives_the_bad_examples_skipped_and_survives_a_restore(dirty, workers):
+  data, bad = dirty
+  it = _iter(data, bad_examples="skip", max_bad_fraction=0.05, num_workers=workers)
+  skipped, state = [], None
+  for step in range(1, 51):  # one epoch and a batch
+    next(it)
+    skipped.append(pipeline.records_read(it) - 8 * step)
+    if step == 20:
+      state = it.get_state()
+  if workers == 0:
+    assert skipped == _expected_skipped(set(bad), 8, 50)
+  # Each worker reads its own positions, so when a bad record is met differs, but after the
+  # epoch all 4 were skipped, and the count never falls.
+  assert skipped[-1] == 4 and skipped == sorted(skipped)
+  again = _iter(data, bad_examples="skip", max_bad_fraction=0.05, num_workers=workers)
+  again.set_state(state)
+  assert pipeline.records_read(again) - 8 * 20 == skipped[19]
+  clean = _iter(data, bad_examples="skip", max_bad_fraction=0.05)
+  assert pipeline.records_read(clean) == 0
+  assert pipeline.records_read(iter([])) is None  # not a grain iterator: no number
+
+
+def test_trainer_logs_skipped_bad_examples_across_a_resume(dirty, tmp_path):
+  data, bad = dirty
+  def config(steps):
+    c = tiny_config(f"--config.total_steps={steps}", "--config.input.bad_examples=skip",
+                    "--config.input.max_bad_fraction=0.05")
+    c.input.data = data
+    c.input.pp = ("decode|resize(32)|value_range(-1, 1)|onehot(8, key='label', "
+                  "key_result='labels')|keep('image', 'labels')")
+    return c
+  work = str(tmp_path / "run")
+  train.train_and_evaluate(config(14), work)
+  train.train_and_evaluate(config(28), work)  # resumes at step 14's checkpoint
+  rows = [r for r in metric_rows(work) if "skipped_bad_examples" in r]
+  assert [r["step"] for r in rows] == list(range(1, 29))
+  want = _expected_skipped(set(bad), 16, 28)
+  assert [r["skipped_bad_examples"] for r in rows] == want
+  assert want[-1] == 4 > want[0]  # the run met every bad record, and not all at once
