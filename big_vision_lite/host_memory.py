@@ -13,7 +13,9 @@ freed memory gains nothing):
   Reuse is not complete: XLA asks posix_memalign for each block, and glibc (2.36 here) asks
   for the size plus alignment padding, so a freed block of exactly the old size is sometimes
   too small for the next request and the heap grows instead. On the README's run that leaves
-  3% of the default's page faults, and peak resident memory is 2.0 GB against 1.3 GB.
+  3% of the default's page faults, and peak resident memory is 2.0 GB against 1.3 GB. Where
+  the temporaries are one large block the heap settles at 3-4 such blocks; `growth_note`
+  tells the trainer when that may not fit in the memory available.
 - GLIBC_TUNABLES=glibc.malloc.hugetlb=1: transparent huge pages for large allocations, ~30x
   fewer faults. glibc reads it only when a process starts, so it is set for child processes
   (the local launcher) or suggested to the user where keep_freed_memory could not run.
@@ -157,6 +159,41 @@ def keep_freed_memory(env: Mapping[str, str] = os.environ, *, platforms: str | N
       return f"mallopt({param}, {value}) failed"
   _kept = True
   return None
+
+
+def available_bytes(path: str = "/proc/meminfo") -> int | None:
+  """The kernel's estimate of memory available to new work (MemAvailable), None where unknown."""
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+# Where the temporaries are one large block, kept memory has grown the heap to 3-4 such blocks
+# in the first few dozen steps (benchmarks/RESULTS.md, rounds 9-10): up to 3 more than the
+# first step maps.
+KEPT_HEAP_EXTRA_BLOCKS = 3
+
+
+def growth_note(temp_bytes: int, available: int | None) -> str | None:
+  """A warning where kept memory's heap growth may not fit in this host's free memory.
+
+  `temp_bytes`: the step's temporaries on this host (all its local devices), already mapped
+  once by the first step; `available`: MemAvailable after that step.
+  """
+  if available is None or temp_bytes <= 0:
+    return None
+  extra = KEPT_HEAP_EXTRA_BLOCKS * temp_bytes
+  if extra <= available:
+    return None
+  return (f"kept memory can grow this process by up to {extra / 2**30:.1f} GiB more "
+          f"({KEPT_HEAP_EXTRA_BLOCKS} more blocks of the step's {temp_bytes / 2**30:.1f} GiB of "
+          f"temporaries, as glibc reuses freed blocks incompletely), and {available / 2**30:.1f} "
+          "GiB is available: set BVL_KEEP_HEAP=0 if the run runs out of memory")
 
 
 def kept_freed_memory() -> bool:

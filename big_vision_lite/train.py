@@ -442,7 +442,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
       throughput.tick(start_step, 0)
       for step in range(start_step + 1, total_steps + 1):
         local = next(train_iter)
-        state, step_metrics = train_step(state, sharding.global_batch(local, mesh))
+        batch = sharding.global_batch(local, mesh)
+        state, step_metrics = train_step(state, batch)
+        if step == start_step + 1 and is_main:
+          report_step_memory(train_step, state, batch)
         if step % config.log_training_steps == 0 or step == total_steps:
           last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           bad = skipped_bad_examples(train_iter, step, config.input.batch_size)
@@ -477,6 +480,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
       ckpt.wait_until_finished()
       ckpt.close()
   return last
+
+
+def _size(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def report_step_memory(train_step: Any, state: Any, batch: Any) -> None:
+  """Prints the compiled train step's memory per device, from XLA's memory analysis.
+
+  Called after the first step, when the executable is compiled and cached (lowering again costs
+  nothing). On a CPU run whose heap is kept (host_memory), also warns where the heap's growth
+  by more blocks of temporaries may not fit in the memory left.
+  """
+  try:
+    stats = train_step.lower(state, batch).compile().memory_analysis()
+  except Exception as e:  # noqa: BLE001 - the analysis is optional; some backends lack it.
+    log.info("no memory analysis of the train step: %s", e)
+    return
+  if stats is None:
+    return
+  print(f"train step memory per device (XLA's analysis): arguments "
+        f"{_size(stats.argument_size_in_bytes)}, temporaries {_size(stats.temp_size_in_bytes)}, "
+        f"outputs {_size(stats.output_size_in_bytes)} ({_size(stats.alias_size_in_bytes)} of them "
+        f"in donated arguments)", flush=True)
+  if host_memory.kept_freed_memory() and jax.default_backend() == "cpu":
+    temp = stats.temp_size_in_bytes * len(jax.local_devices())
+    if note := host_memory.growth_note(temp, host_memory.available_bytes()):
+      print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def skipped_bad_examples(train_iter: Any, step: int, global_batch_size: int) -> int | None:

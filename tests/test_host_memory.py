@@ -118,6 +118,22 @@ def test_keep_freed_memory_refusals(monkeypatch):
   assert not host_memory.kept_freed_memory()
 
 
+def test_growth_note_only_where_more_blocks_may_not_fit(tmp_path):
+  gib = 2**30
+  assert host_memory.growth_note(1 * gib, 3 * gib) is None  # 3 more blocks fit exactly
+  assert host_memory.growth_note(1 * gib, None) is None  # unknown: say nothing
+  assert host_memory.growth_note(0, 1) is None
+  note = host_memory.growth_note(3 * gib, 8 * gib)
+  assert "up to 9.0 GiB more" in note and "3.0 GiB of temporaries" in note
+  assert "8.0 GiB is available" in note and "BVL_KEEP_HEAP=0" in note
+  meminfo = tmp_path / "meminfo"
+  meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+  assert host_memory.available_bytes(str(meminfo)) == 20000000 * 1024
+  meminfo.write_text("MemTotal: 1 kB\n")
+  assert host_memory.available_bytes(str(meminfo)) is None
+  assert host_memory.available_bytes(str(tmp_path / "missing")) is None
+
+
 def test_hint_is_silent_once_freed_memory_is_kept(thp, monkeypatch):
   monkeypatch.setattr(host_memory, "_kept", True)
   assert host_memory.hint("cpu", {}, str(thp)) is None
@@ -158,3 +174,25 @@ def test_kept_memory_is_mostly_reused_without_page_faults():
   assert status == "None" and kept <= 15, (status, kept)
   status, default = fresh_calls("0")
   assert status == "BVL_KEEP_HEAP=0" and default >= 27, (status, default)
+
+
+def test_report_step_memory_prints_sizes_and_the_growth_note(monkeypatch, capsys):
+  import jax
+  import jax.numpy as jnp
+  from big_vision_lite import train
+  step = jax.jit(lambda x, y: (jnp.tanh(x @ y) @ y, x.sum()))
+  x = jnp.ones((512, 512))
+  step(x, x)  # compiled, as after the trainer's first step
+  monkeypatch.setattr(host_memory, "kept_freed_memory", lambda: True)
+  monkeypatch.setattr(host_memory, "available_bytes", lambda: 1)
+  train.report_step_memory(step, x, x)
+  out, err = capsys.readouterr()
+  assert "train step memory per device (XLA's analysis): arguments 2.0 MiB, temporaries " in out
+  assert "note: kept memory can grow this process by up to" in err and "BVL_KEEP_HEAP=0" in err
+  monkeypatch.setattr(host_memory, "available_bytes", lambda: 2**40)
+  train.report_step_memory(step, x, x)
+  assert "note:" not in capsys.readouterr().err
+  monkeypatch.setattr(host_memory, "kept_freed_memory", lambda: False)
+  monkeypatch.setattr(host_memory, "available_bytes", lambda: 1)
+  train.report_step_memory(step, x, x)
+  assert "note:" not in capsys.readouterr().err  # glibc's defaults: no kept heap to grow

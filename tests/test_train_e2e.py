@@ -7,6 +7,7 @@ after step N's checkpoint save was issued, so the stop point is exact.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,11 @@ def uninterrupted(tmp_path_factory):
   assert r.returncode == 0, r.stderr[-3000:]
   # The CLI set glibc to keep freed memory before JAX started (host_memory.keep_freed_memory).
   assert ("host memory: glibc keeps" in r.stdout) == (host_memory._glibc_version() is not None)
+  # After the first step: the compiled step's memory per device, from XLA's analysis.
+  mem = re.search(r"^train step memory per device \(XLA's analysis\): arguments ([\d.]+) MiB, "
+                  r"temporaries ([\d.]+) MiB, outputs ([\d.]+) MiB \(([\d.]+) MiB of them in "
+                  r"donated arguments\)$", r.stdout, re.M)
+  assert mem and all(float(x) > 0 for x in mem.groups()), r.stdout
   return str(workdir)
 
 
