@@ -43,14 +43,13 @@ and ratios from runs whose machine lines differ are not comparable.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import resource
 import statistics
 import sys
 import time
 from typing import Callable
-
-import mmap
 
 import jax
 import numpy as np

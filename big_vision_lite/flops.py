@@ -226,7 +226,8 @@ def default_peak_flops(device: Any = None, *,
     hit = table_peak_flops(kind)
     if hit is not None:
       return hit
-  key = f"{kind}|cpus={os.cpu_count()}|cpu={host_cpu.model_name()} {host_cpu.signature()}"
+  cpu = host_cpu.model_name()
+  key = f"{kind}|cpus={os.cpu_count()}|cpu={cpu} {host_cpu.signature()}"
   cache = {}
   path = os.path.expanduser(cache_path) if cache_path else None
   if path and os.path.exists(path):
@@ -248,7 +249,7 @@ def default_peak_flops(device: Any = None, *,
   if device.platform == "cpu":
     n = sum(1 for d in jax.local_devices() if d.platform == "cpu") or 1
     return rate / n, (f"measured by matmul probe ({rate / 1e9:.1f} GFLOP/s fp32 host, "
-                      f"{host_cpu.model_name()}, shared by {n} CPU device{'s' if n > 1 else ''})")
+                      f"{cpu}, shared by {n} CPU device{'s' if n > 1 else ''})")
   return rate, f"measured by matmul probe (unknown device kind {kind!r})"
 
 

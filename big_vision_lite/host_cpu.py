@@ -34,17 +34,20 @@ def _cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
   return fields
 
 
-def model_name(path: str = "/proc/cpuinfo") -> str:
-  """The CPU's marketing name, e.g. 'AMD EPYC' (a VM may hide the exact model)."""
-  info = _cpuinfo(path)
+def _name(info: dict[str, str]) -> str:
   return (info.get("model name") or info.get("Model name") or platform.processor()
           or platform.machine() or "unknown CPU")
+
+
+def model_name(path: str = "/proc/cpuinfo") -> str:
+  """The CPU's marketing name, e.g. 'AMD EPYC' (a VM may hide the exact model)."""
+  return _name(_cpuinfo(path))
 
 
 def describe(path: str = "/proc/cpuinfo") -> str:
   """E.g. 'AMD EPYC (AuthenticAMD family 25 model 17), 2 cores, avx2 fma avx512f avx512_bf16'."""
   info = _cpuinfo(path)
-  name = model_name(path)
+  name = _name(info)
   ident = " ".join(f"{label} {info[k]}" for k, label in (("cpu family", "family"), ("model", "model"))
                    if k in info)
   vendor = info.get("vendor_id") or info.get("CPU implementer")
