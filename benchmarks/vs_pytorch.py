@@ -27,12 +27,15 @@ waiting for a core, the CPU time does not):
 Our executables are compiled with XLA:CPU's YNNPACK GEMM off (`--cpu_dots eigen`, the
 default; see CPU_EIGEN_DOTS), `--cpu_dots default` keeps jax's default. `--malloc
 keep` (the default) makes glibc keep freed memory mapped, as the trainer does
-(host_memory.keep_freed_memory: one arena, no mmap, no trimming): XLA:CPU's temporaries
+(host_memory.keep_freed_memory: one arena, no mmap, no trimming), after restarting the
+script once with the trainer's block cache preloaded (block_cache.py: freed blocks of 1 MiB
+and more kept for the next request they fit; BVL_BLOCK_CACHE=0: not): XLA:CPU's temporaries
 (2.9 GB per ViT-S step at batch 32) are then reused instead of unmapped and faulted back in,
 ~636k page faults per step with glibc's defaults. `--malloc hugepages` restarts the
 process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 instead, which backs large allocations
 with transparent huge pages (~30x fewer faults). `--malloc default` leaves glibc as it is.
-Both sides run in one process, so torch gets the same malloc settings as ours.
+Both sides run in one process, so torch gets the same malloc settings (and block cache) as
+ours.
 On one CPU device our attention and LayerNorm are CPU kernels (big_vision_lite/kernels); the
 run prints which path each took, and `BVL_CPU_ATTENTION=0` / `BVL_CPU_LAYER_NORM=0` measure
 the XLA path instead. "machine before/after" lines give both frameworks' matmul speed and
@@ -290,7 +293,8 @@ def main() -> None:
                   help="XLA:CPU GEMM for our dots: 'eigen' (YNNPACK off, see CPU_EIGEN_DOTS) or "
                        "jax's default (YNNPACK)")
   ap.add_argument("--malloc", default="keep", choices=("keep", "hugepages", "default"),
-                  help="'keep': glibc keeps freed memory, as in the trainer; 'hugepages': "
+                  help="'keep': large blocks cached and glibc keeps freed memory, as in the "
+                       "trainer; 'hugepages': "
                        f"restart with GLIBC_TUNABLES={host_memory.HUGEPAGES_TUNABLE} (Linux); "
                        "'default': glibc as it is")
   args = ap.parse_args()
@@ -334,6 +338,7 @@ def main() -> None:
     if args.block > 1:
       _report("steady (each block's first step left out)", batch, wall, cpu, first=1)
   print("machine after: " + machine_state(theirs.torch))
+  print(bench_setup.memory_line())
 
 
 if __name__ == "__main__":

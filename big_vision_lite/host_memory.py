@@ -14,8 +14,9 @@ freed memory gains nothing):
   for the size plus alignment padding, so a freed block of exactly the old size is sometimes
   too small for the next request and the heap grows instead. On the README's run that leaves
   3% of the default's page faults, and peak resident memory is 2.0 GB against 1.3 GB. Where
-  the temporaries are one large block the heap settles at 3-4 such blocks; `growth_note`
-  tells the trainer when that may not fit in the memory available.
+  the temporaries are one large block the heap settles at 3-4 such blocks; block_cache.py,
+  which the trainer's command line preloads, serves those blocks itself and stops this.
+  `growth_note` tells the trainer when the growth may not fit in the memory available.
 - GLIBC_TUNABLES=glibc.malloc.hugetlb=1: transparent huge pages for large allocations, ~30x
   fewer faults. glibc reads it only when a process starts, so it is set for child processes
   (the local launcher) or suggested to the user where keep_freed_memory could not run.
@@ -45,7 +46,7 @@ def opted_out(env: Mapping[str, str], name: str) -> bool:
   return env.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def _glibc_version() -> tuple[int, ...] | None:
+def glibc_version() -> tuple[int, ...] | None:
   name, version = platform.libc_ver()
   if name != "glibc" or not version:
     return None
@@ -72,7 +73,7 @@ def has_hugepages_tunable(env: Mapping[str, str]) -> bool:
 
 def applies(thp_path: str | None = None) -> bool:
   """Whether the tunable can do anything here: Linux, glibc >= 2.35, THP not 'never'."""
-  glibc = _glibc_version()
+  glibc = glibc_version()
   return (sys.platform.startswith("linux") and glibc is not None and glibc >= _MIN_GLIBC
           and _thp_mode(thp_path) in ("always", "madvise"))
 
@@ -146,7 +147,7 @@ def keep_freed_memory(env: Mapping[str, str] = os.environ, *, platforms: str | N
     return None
   if opted_out(env, "BVL_KEEP_HEAP"):
     return "BVL_KEEP_HEAP=0"
-  if not sys.platform.startswith("linux") or _glibc_version() is None:
+  if not sys.platform.startswith("linux") or glibc_version() is None:
     return "not glibc"
   if _backends_started():
     return "JAX's backends have started, XLA's threads already have their own malloc arenas"
@@ -175,25 +176,30 @@ def available_bytes(path: str = "/proc/meminfo") -> int | None:
 
 # Where the temporaries are one large block, kept memory has grown the heap to 3-4 such blocks
 # in the first few dozen steps (benchmarks/RESULTS.md, rounds 9-10): up to 3 more than the
-# first step maps.
+# first step maps. With the block cache (block_cache.py) it held 2 (round 11): 1 more.
 KEPT_HEAP_EXTRA_BLOCKS = 3
+CACHED_EXTRA_BLOCKS = 1
 
 
-def growth_note(temp_bytes: int, available: int | None) -> str | None:
-  """A warning where kept memory's heap growth may not fit in this host's free memory.
+def growth_note(temp_bytes: int, available: int | None, cached: bool = False) -> str | None:
+  """A warning where kept memory's growth may not fit in this host's free memory.
 
   `temp_bytes`: the step's temporaries on this host (all its local devices), already mapped
-  once by the first step; `available`: MemAvailable after that step.
+  once by the first step; `available`: MemAvailable after that step; `cached`: whether the
+  block cache serves the large blocks (one more block at most, not three).
   """
   if available is None or temp_bytes <= 0:
     return None
-  extra = KEPT_HEAP_EXTRA_BLOCKS * temp_bytes
+  blocks = CACHED_EXTRA_BLOCKS if cached else KEPT_HEAP_EXTRA_BLOCKS
+  extra = blocks * temp_bytes
   if extra <= available:
     return None
+  why = ("a step may allocate them before the previous step frees its own" if cached else
+         "as glibc reuses freed blocks incompletely")
   return (f"kept memory can grow this process by up to {extra / 2**30:.1f} GiB more "
-          f"({KEPT_HEAP_EXTRA_BLOCKS} more blocks of the step's {temp_bytes / 2**30:.1f} GiB of "
-          f"temporaries, as glibc reuses freed blocks incompletely), and {available / 2**30:.1f} "
-          "GiB is available: set BVL_KEEP_HEAP=0 if the run runs out of memory")
+          f"({blocks} more block{'s' * (blocks > 1)} of the step's {temp_bytes / 2**30:.1f} GiB "
+          f"of temporaries, {why}), and {available / 2**30:.1f} GiB is available: set "
+          "BVL_KEEP_HEAP=0 if the run runs out of memory")
 
 
 def kept_freed_memory() -> bool:

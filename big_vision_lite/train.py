@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, flops, metrics, optim, pretrained, sharding
-from big_vision_lite import distributed, evaluators, files, host_memory, models, tasks, xla_options
+from big_vision_lite import (block_cache, distributed, evaluators, files, host_memory, models, tasks,
+                             xla_options)
 from big_vision_lite.data import ops as pp_ops, pipeline, sources
 from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.registry import UnknownNameError
@@ -423,6 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     if host_memory.kept_freed_memory():
       print("host memory: glibc keeps what XLA:CPU frees (one malloc arena, no trimming; "
             "BVL_KEEP_HEAP=0 turns this off)", flush=True)
+      print(block_cache.describe(), flush=True)
     elif hint := host_memory.hint(jax.default_backend()):
       print(f"note: {hint}", file=sys.stderr, flush=True)
 
@@ -506,7 +508,7 @@ def report_step_memory(train_step: Any, state: Any, batch: Any) -> None:
         f"in donated arguments)", flush=True)
   if host_memory.kept_freed_memory() and jax.default_backend() == "cpu":
     temp = stats.temp_size_in_bytes * len(jax.local_devices())
-    if note := host_memory.growth_note(temp, host_memory.available_bytes()):
+    if note := host_memory.growth_note(temp, host_memory.available_bytes(), block_cache.active()):
       print(f"note: {note}", file=sys.stderr, flush=True)
 
 
@@ -579,6 +581,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  if argv is None:
+    # The command line restarts itself once with the block cache preloaded (block_cache.py);
+    # a caller that passes argv keeps its process as it is.
+    try:
+      block_cache.restart(sys.orig_argv[1:])
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   # Before JAX starts: XLA's threads pick their malloc arenas on their first allocation.
   host_memory.keep_freed_memory()
   # grain's worker processes read absl flags; we take no absl flags of our own.

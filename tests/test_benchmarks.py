@@ -12,9 +12,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+MALLOC_LINE = (r"glibc keeps freed memory: (yes|no \(not glibc\)); "
+               r"large blocks cached: (yes|no \(not glibc on Linux\))")
+
+
 def run(script: str, *args: str) -> str:
   # One CPU device (the default outside this test process), as a user runs the benchmarks.
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, "XLA_FLAGS": "",
+         "JAX_PLATFORMS": "cpu"}
   r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
                      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -31,8 +36,9 @@ def test_vs_pytorch_prints_settings_times_and_ratios():
   assert out.startswith("ViT-Ti/16 at 32px, 1000 classes, fp32")
   assert out.splitlines()[1].startswith("CPU: ")
   assert "torch threads" in out and "GLIBC_TUNABLES=" in out
-  # --malloc keep, the default, applies before JAX starts (where glibc is the libc).
-  assert re.search(r"glibc keeps freed memory: (yes$|no \(not glibc\))", out, re.M)
+  # --malloc keep, the default, applies before JAX starts (where glibc is the libc), the
+  # script having restarted itself with the block cache.
+  assert re.search(MALLOC_LINE + "$", out, re.M), out
   assert re.search(r"our attention: (CPU kernel|XLA)", out)
   assert re.search(r"our LayerNorm: (CPU kernel|XLA)", out)
   machine = re.findall(r"^machine (before|after): 2048\^2 fp32 matmul: jax (\d+) GFLOP/s, "
@@ -47,11 +53,16 @@ def test_vs_pytorch_prints_settings_times_and_ratios():
     assert len(re.findall(r"\d+\.\d+", times)) == 4
   ratios = re.findall(r"ratio ours/torch = (\d+\.\d+) by wall time, (\d+\.\d+) by CPU time", out)
   assert len(ratios) == 4 and all(float(w) > 0 and float(c) > 0 for w, c in ratios)
+  mem = re.search(r"^peak resident memory (\d+\.\d+) GiB(; block cache: (\d+) blocks mapped, "
+                  r"(\d+) reused, \d+ unmapped, peak live \d+\.\d+ GiB)?$", out, re.M)
+  assert mem and float(mem[1]) > 0, out
+  if "large blocks cached: yes" in out:
+    assert int(mem[3]) > 0 and int(mem[4]) > 0, out  # the steps reused their blocks
 
 
 def test_layer_grads_pieces_print_all_timings():
   out = run("layer_grads.py", "--variant", "Ti", "--rounds", "1", "--no-step")
-  assert re.search(r"cores; glibc keeps freed memory: (yes|no \(not glibc\))$", out, re.M), out
+  assert re.search(r"cores; " + MALLOC_LINE + "$", out, re.M), out
   rows = re.findall(r"^  bias grad, width +\d+, round 0: +"
                     r"(\d+\.\d+) / +(\d+\.\d+) +\((\d+\.\d+)x\)$", out, re.M)
   assert len(rows) == 2, out
@@ -64,9 +75,6 @@ def test_layer_grads_pieces_print_all_timings():
   flax, xla, ours, r1, r2 = map(float, ln[0])
   assert min(flax, xla, ours) > 0
   assert r1 == pytest.approx(flax / ours, rel=0.05) and r2 == pytest.approx(xla / ours, rel=0.05)
-
-
-MALLOC_LINE = r"glibc keeps freed memory: (yes|no \(not glibc\))"
 
 
 @pytest.mark.slow  # ~40 s: 17 compiles

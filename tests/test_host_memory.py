@@ -23,7 +23,7 @@ def thp(tmp_path, monkeypatch):
   path = tmp_path / "enabled"
   path.write_text("always [madvise] never\n")
   monkeypatch.setattr(host_memory, "_THP_ENABLED", str(path))
-  monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 36))
   monkeypatch.setattr(host_memory.sys, "platform", "linux")
   return path
 
@@ -55,9 +55,9 @@ def test_with_hugepages_leaves_env_where_it_cannot_work(thp, monkeypatch, case):
   if case == "thp_never":
     thp.write_text("always madvise [never]\n")
   elif case == "old_glibc":
-    monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 31))
+    monkeypatch.setattr(host_memory, "glibc_version", lambda: (2, 31))
   elif case == "musl":
-    monkeypatch.setattr(host_memory, "_glibc_version", lambda: None)
+    monkeypatch.setattr(host_memory, "glibc_version", lambda: None)
   else:
     monkeypatch.setattr(host_memory.sys, "platform", "darwin")
   assert host_memory.with_hugepages({}, str(thp)) == {}
@@ -113,7 +113,7 @@ def test_keep_freed_memory_refusals(monkeypatch):
   assert not host_memory.kept_freed_memory()
   monkeypatch.setattr(host_memory, "_backends_started", lambda: False)
   assert "not run on the CPU" in host_memory.keep_freed_memory({}, platforms="tpu")
-  monkeypatch.setattr(host_memory, "_glibc_version", lambda: None)
+  monkeypatch.setattr(host_memory, "glibc_version", lambda: None)
   assert host_memory.keep_freed_memory({}, platforms="cpu") == "not glibc"
   assert not host_memory.kept_freed_memory()
 
@@ -126,6 +126,11 @@ def test_growth_note_only_where_more_blocks_may_not_fit(tmp_path):
   note = host_memory.growth_note(3 * gib, 8 * gib)
   assert "up to 9.0 GiB more" in note and "3.0 GiB of temporaries" in note
   assert "8.0 GiB is available" in note and "BVL_KEEP_HEAP=0" in note
+  # With the block cache (block_cache.py) one more block at most: the next step's, in flight.
+  assert host_memory.growth_note(3 * gib, 8 * gib, cached=True) is None
+  note = host_memory.growth_note(3 * gib, 2 * gib, cached=True)
+  assert "up to 3.0 GiB more (1 more block of the step's 3.0 GiB of temporaries" in note
+  assert "before the previous step frees its own" in note
   meminfo = tmp_path / "meminfo"
   meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
   assert host_memory.available_bytes(str(meminfo)) == 20000000 * 1024
@@ -155,7 +160,7 @@ print(sum(n > 16384 for n in faults[10:]))  # calls that faulted in >= 64 MB afr
 """
 
 
-@pytest.mark.skipif(host_memory._glibc_version() is None, reason="glibc only")
+@pytest.mark.skipif(host_memory.glibc_version() is None, reason="glibc only")
 def test_kept_memory_is_mostly_reused_without_page_faults():
   """With glibc's defaults XLA:CPU's 128 MB block of temporaries is mapped afresh on every
   call (32,770 faults each). Kept, most calls reuse it, but not all: glibc 2.36's

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from big_vision_lite import config as config_lib, host_memory, pretrained, train
+from big_vision_lite.kernels import cpu_build
 from big_vision_lite.tools import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,10 @@ def uninterrupted(tmp_path_factory):
   r = run_cli(workdir)
   assert r.returncode == 0, r.stderr[-3000:]
   # The CLI set glibc to keep freed memory before JAX started (host_memory.keep_freed_memory).
-  assert ("host memory: glibc keeps" in r.stdout) == (host_memory._glibc_version() is not None)
+  assert ("host memory: glibc keeps" in r.stdout) == (host_memory.glibc_version() is not None)
+  # ... having restarted itself once with the block cache preloaded (block_cache.py).
+  if host_memory.glibc_version() is not None and cpu_build.compiler("c"):
+    assert "host memory: blocks of 1024 KiB and more are kept for reuse" in r.stdout, r.stdout
   # After the first step: the compiled step's memory per device, from XLA's analysis.
   mem = re.search(r"^train step memory per device \(XLA's analysis\): arguments ([\d.]+) MiB, "
                   r"temporaries ([\d.]+) MiB, outputs ([\d.]+) MiB \(([\d.]+) MiB of them in "

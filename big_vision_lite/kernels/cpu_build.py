@@ -4,7 +4,8 @@ Each library is compiled on first use with the system C++ compiler (`$CXX`, else
 c++/g++/clang++) for the host CPU (-march=native) and cached under `$BVL_CACHE_DIR` (default
 ~/.cache/big_vision_lite), keyed by the source and the headers beside it, compiler, flags,
 jaxlib and CPU model. A kernel that cannot be built is reported, once, and its callers keep
-XLA's path.
+XLA's path. `build(..., language="c")` compiles the C libraries of big_vision_lite/native
+(block_cache.c) the same way, with the C compiler and no JAX headers.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ import jaxlib
 from big_vision_lite import host_cpu, host_memory
 
 
-def compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+_COMPILERS = {"c++": ("CXX", "c++", "g++", "clang++"), "c": ("CC", "cc", "gcc", "clang")}
+
+
+def compiler(language: str = "c++") -> str | None:
+  variable, *names = _COMPILERS[language]
+  for name in (os.environ.get(variable), *names):
     if name and shutil.which(name):
       return shutil.which(name)
   return None
@@ -39,19 +44,24 @@ def cache_dir() -> str:
   return os.path.join(base, "kernels")
 
 
-def _flags() -> list[str]:
+def _flags(language: str = "c++") -> list[str]:
+  if language == "c":
+    return ["-O2", "-fPIC", "-shared", "-pthread", "-w"]
   return ["-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w",
           f"-I{jax.ffi.include_dir()}"]
 
 
-def build(source_path: str, force: bool = False) -> str:
+def build(source_path: str, force: bool = False, language: str = "c++") -> str:
   """Compiles `source_path` into a shared library (or finds it in the cache); its path.
 
-  Raises RuntimeError naming the compiler, the command and its output when it cannot.
+  `language`: "c++" (the FFI kernels) or "c". Raises RuntimeError naming the compiler, the
+  command and its output when it cannot.
   """
-  cxx = compiler()
+  cxx = compiler(language)
   if cxx is None:
-    raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
+    variable, *names = _COMPILERS[language]
+    raise RuntimeError(f"no {language.upper()} compiler found (set ${variable}, or install "
+                       f"{' or '.join(names[1:])})")
   # The key covers the headers beside the source too (cpu_kernel_common.h).
   folder = os.path.dirname(os.path.abspath(source_path))
   source = b""
@@ -64,7 +74,7 @@ def build(source_path: str, force: bool = False) -> str:
   except (OSError, subprocess.SubprocessError) as e:
     raise RuntimeError(f"C++ compiler {cxx} does not run: {e}") from None
   key = hashlib.sha256(b"\0".join([
-      source, version.encode(), " ".join(_flags()).encode(), jaxlib.__version__.encode(),
+      source, version.encode(), " ".join(_flags(language)).encode(), jaxlib.__version__.encode(),
       # -march=native code is only valid on the same kind of CPU; a shared cache (NFS home on
       # a cluster) keeps one library per CPU model and feature set.
       platform.machine().encode(), host_cpu.signature().encode()])).hexdigest()[:16]
@@ -78,7 +88,8 @@ def build(source_path: str, force: bool = False) -> str:
   # leaves a partial library under the final name.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
   os.close(fd)
-  cmd = [cxx, *_flags(), source_path, "-o", tmp]
+  # -ldl after the source: dlsym lives there before glibc 2.34.
+  cmd = [cxx, *_flags(language), source_path, *(["-ldl"] if language == "c" else []), "-o", tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
