@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from big_vision_lite import block_cache, host_memory
+import test_host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
@@ -305,19 +306,9 @@ def test_restart_runs_the_program_again_with_the_cache(lib):
   assert "not cached (BVL_BLOCK_CACHE=0)" in json.loads(lines[1])[4]
 
 
-_FAULTS = """
-import resource
-from big_vision_lite import block_cache, host_memory
-print(host_memory.keep_freed_memory())
-import jax, jax.numpy as jnp
-f = jax.jit(lambda x: (jnp.sin(x) * jnp.cos(x.T)).sum(0))  # one 128 MB block of temporaries
-x = jnp.ones((4096, 4096))
-faults = []
-for _ in range(40):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  f(x).block_until_ready()
-  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(n > 16384 for n in faults[10:]))  # calls that faulted in >= 64 MB afresh
+# test_host_memory's toy, with the cache's count of mappings printed last.
+_FAULTS = test_host_memory.FAULTS + """
+from big_vision_lite import block_cache
 print(block_cache.stats().mapped)
 """
 

@@ -144,7 +144,7 @@ def test_hint_is_silent_once_freed_memory_is_kept(thp, monkeypatch):
   assert host_memory.hint("cpu", {}, str(thp)) is None
 
 
-_FAULTS = """
+FAULTS = """
 import resource
 from big_vision_lite import host_memory
 print(host_memory.keep_freed_memory())
@@ -169,7 +169,7 @@ def test_kept_memory_is_mostly_reused_without_page_faults():
   Measured here over calls 10-39: 30 of 30 afresh by default, 0-5 of 30 kept (16 runs)."""
   def fresh_calls(keep):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "BVL_KEEP_HEAP": keep}
-    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True,
                          text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     status, count = out.stdout.split("\n")[:2]
