@@ -31,7 +31,7 @@ MIN_BYTES = "BVL_BLOCK_CACHE_MIN_BYTES"
 # Set for the re-executed program, so that it can tell a failed preload from a first start.
 _RESTARTED = "BVL_BLOCK_CACHE_RESTARTED"
 _PAGE = 4096
-_outcome = "not tried (only the trainer's command line restarts with it)"  # restart's last result
+_outcome = "only the command line restarts with it; see block_cache.library()"  # restart's last result
 
 
 @dataclasses.dataclass(frozen=True)
