@@ -325,3 +325,13 @@ def test_xla_temporaries_are_reused_without_page_faults(lib):
   assert status == "None" and int(fresh) <= 1, out.stdout
   # x (64 MB), the temporaries (a second block at most) and jax's own few of >= 1 MiB: 3 here.
   assert int(mapped) <= 6, out.stdout
+
+
+def test_no_c_compiler_is_named(monkeypatch):
+  from big_vision_lite.kernels import cpu_build
+  monkeypatch.setattr(cpu_build.shutil, "which", lambda name: None)
+  with pytest.raises(RuntimeError, match=r"no C compiler found \(set \$CC, or install gcc or clang\)"):
+    block_cache.library()
+  ex = FakeExec()
+  reason = block_cache.restart(["x.py"], {}, execve=ex, platforms="cpu")
+  assert not ex.calls and reason.startswith(f"cannot build {block_cache.SOURCE}: no C compiler")

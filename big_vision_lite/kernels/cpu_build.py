@@ -72,7 +72,7 @@ def build(source_path: str, force: bool = False, language: str = "c++") -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
   except (OSError, subprocess.SubprocessError) as e:
-    raise RuntimeError(f"C++ compiler {cxx} does not run: {e}") from None
+    raise RuntimeError(f"{language.upper()} compiler {cxx} does not run: {e}") from None
   key = hashlib.sha256(b"\0".join([
       source, version.encode(), " ".join(_flags(language)).encode(), jaxlib.__version__.encode(),
       # -march=native code is only valid on the same kind of CPU; a shared cache (NFS home on
