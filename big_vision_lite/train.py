@@ -456,6 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
           last.update(throughput.tick(step, config.input.batch_size))
           writer.write(step, last)
           progress.update(step, last)
+          if bad is not None and config.input.bad_examples == "skip":
+            check_bad_fraction(bad, step * config.input.batch_size + bad,
+                               config.input.max_bad_fraction, step)
         if (step % config.log_training_steps == 0 or step == total_steps
             or ckpt and step % config.ckpt_steps == 0):
           # Before any save: under nan_policy='stop' no checkpoint is written after a bad step.
@@ -528,6 +531,21 @@ def skipped_bad_examples(train_iter: Any, step: int, global_batch_size: int) -> 
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     bad = int(np.sum(multihost_utils.process_allgather(np.asarray(bad, np.int32))))
   return bad
+
+
+def check_bad_fraction(bad: int, read: int, max_fraction: float, step: int) -> None:
+  """Stops the run once more than `max_fraction` of all records read so far were bad.
+
+  The input workers' own check (pipeline.Preprocess) stops as soon as one of them passes the
+  fraction, but each counts only what it read since it started. This one counts every worker
+  and process since step 0, resumes included, at each logged step; like the workers' it judges
+  over at least pipeline.MIN_EXAMPLES_FOR_FRACTION records.
+  """
+  if bad > max_fraction * max(read, pipeline.MIN_EXAMPLES_FOR_FRACTION):
+    raise BadInputError(
+        f"too many bad examples: {bad} of the {read} records read by step {step} were bad, over "
+        f"all input processes since step 0 (more than config.input.max_bad_fraction="
+        f"{max_fraction:g}); the warnings above name them, metrics.jsonl has the count")
 
 
 def _check_guard(config, step: int, status: tuple[int, int, int], reported: tuple[int, int], ckpt,

@@ -171,3 +171,43 @@ def test_trainer_logs_skipped_bad_examples_across_a_resume(dirty, tmp_path):
   want = _expected_skipped(set(bad), 16, 28)
   assert [r["skipped_bad_examples"] for r in rows] == want
   assert want[-1] == 4 > want[0]  # the run met every bad record, and not all at once
+
+
+def test_check_bad_fraction_counts_over_at_least_the_minimum():
+  # 0.01 of max(read, 100): 1 bad of 50 read is within (1 <= 1.0), 2 are not.
+  train.check_bad_fraction(1, 50, 0.01, step=3)
+  with pytest.raises(BadInputError, match=r"too many bad examples: 2 of the 50 records read by "
+                     r"step 3 were bad, over all input processes since step 0 \(more than "
+                     r"config.input.max_bad_fraction=0.01\)"):
+    train.check_bad_fraction(2, 50, 0.01, step=3)
+  train.check_bad_fraction(3, 300, 0.01, step=9)
+  with pytest.raises(BadInputError, match="4 of the 300"):
+    train.check_bad_fraction(4, 300, 0.01, step=9)
+  train.check_bad_fraction(0, 10, 0.0, step=1)
+  with pytest.raises(BadInputError):
+    train.check_bad_fraction(1, 10_000, 0.0, step=1)
+
+
+def test_trainer_judges_the_bad_fraction_since_step_0_across_a_resume(dirty, tmp_path):
+  """The input process's own count restarts at 0 on resume; the trainer's does not.
+
+  Reference counts (batch 16, _expected_skipped): 3 bad of 227 read by step 14, 3 of 243 by
+  step 15, and the 4th bad record comes at step 20. Resumed at step 14 under 0.012, the input
+  process alone would allow 1.2 bad of its first 100 and never stop; over the whole run 3 of 243
+  is past 0.012 at step 15.
+  """
+  data, bad = dirty
+  def config(steps, fraction):
+    c = tiny_config(f"--config.total_steps={steps}", "--config.input.bad_examples=skip",
+                    f"--config.input.max_bad_fraction={fraction}")
+    c.input.data = data
+    c.input.pp = ("decode|resize(32)|value_range(-1, 1)|onehot(8, key='label', "
+                  "key_result='labels')|keep('image', 'labels')")
+    return c
+  work = str(tmp_path / "run")
+  train.train_and_evaluate(config(14, 0.05), work)
+  with pytest.raises(BadInputError, match=r"3 of the 243 records read by step 15 were bad.*"
+                     r"max_bad_fraction=0.012"):
+    train.train_and_evaluate(config(28, 0.012), work)
+  rows = [r for r in metric_rows(work) if "skipped_bad_examples" in r]
+  assert rows[-1]["step"] == 15 and rows[-1]["skipped_bad_examples"] == 3  # the count is logged
