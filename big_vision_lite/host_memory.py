@@ -116,6 +116,9 @@ def cpu_backend_expected(platforms: str | None = None,
   Yes when `platforms` (default: the jax_platforms setting, i.e. JAX_PLATFORMS) names cpu
   first, or names nothing and no TPU or GPU device node exists.
   """
+  if platforms is None and "jax" not in sys.modules:
+    # Nothing can have changed the setting yet, and importing JAX to read it costs ~0.5 s.
+    platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms is None:
     import jax  # noqa: PLC0415 (reading a setting starts no backend)
     platforms = jax.config.jax_platforms or ""

@@ -6,6 +6,20 @@
 
 from __future__ import annotations
 
+import sys
+
+_restart_checked = False
+if __name__ == "__main__":
+  # The command line restarts itself once with the block cache preloaded (block_cache.py),
+  # before the imports below: they take ~1 s, which a restart in main() would pay twice.
+  from big_vision_lite import block_cache as _block_cache  # light: no JAX
+  try:
+    _block_cache.restart(sys.orig_argv[1:])
+  except ValueError as _e:
+    print(f"error: {_e}", file=sys.stderr)
+    sys.exit(2)
+  _restart_checked = True
+
 import argparse
 import dataclasses
 import json
@@ -13,7 +27,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any, Sequence
 
@@ -599,9 +612,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  if argv is None:
-    # The command line restarts itself once with the block cache preloaded (block_cache.py);
-    # a caller that passes argv keeps its process as it is.
+  if argv is None and not _restart_checked:
+    # As the command line does above, for a program that calls main() itself; a caller that
+    # passes argv keeps its process as it is.
     try:
       block_cache.restart(sys.orig_argv[1:])
     except ValueError as e:

@@ -335,3 +335,23 @@ def test_no_c_compiler_is_named(monkeypatch):
   ex = FakeExec()
   reason = block_cache.restart(["x.py"], {}, execve=ex, platforms="cpu")
   assert not ex.calls and reason.startswith(f"cannot build {block_cache.SOURCE}: no C compiler")
+
+
+# The trainer's command line, with os.execve replaced before block_cache binds it.
+_TRAIN_CLI = """
+import os, runpy, sys
+def execve(path, argv, env):
+  print("restart", "jax" in sys.modules, env["LD_PRELOAD"].endswith(".so"), flush=True)
+  os._exit(0)
+os.execve = execve
+sys.argv = ["train.py", "--config", "configs/vit_shapes.py"]
+runpy.run_module("big_vision_lite.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_the_command_line_restarts_before_importing_jax(lib):
+  """Restarting after train.py's imports paid them twice (~1 s per trainer start)."""
+  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+  out = subprocess.run([sys.executable, "-c", _TRAIN_CLI], env={**env, "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert out.stdout.strip() == "restart False True", (out.stdout, out.stderr[-2000:])

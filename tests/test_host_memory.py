@@ -106,6 +106,15 @@ def test_cpu_backend_expected_from_platforms_or_device_nodes(tmp_path):
   assert host_memory.cpu_backend_expected("cpu", none)  # unless told otherwise
 
 
+@pytest.mark.parametrize("platforms,want", [("cuda", "False"), ("cpu,tpu", "True")])
+def test_cpu_backend_expected_reads_jax_platforms_without_importing_jax(platforms, want):
+  code = ("import sys; from big_vision_lite import host_memory; "
+          "print(host_memory.cpu_backend_expected(), 'jax' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": platforms},
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+  assert out.stdout.split() == [want, "False"], out.stderr[-2000:]
+
+
 def test_keep_freed_memory_refusals(monkeypatch):
   # Here in pytest JAX's backends have started (conftest), so it never applies in-process.
   assert host_memory.keep_freed_memory({"BVL_KEEP_HEAP": "0"}) == "BVL_KEEP_HEAP=0"

@@ -21,8 +21,7 @@ import subprocess
 import tempfile
 from typing import Mapping
 
-import jax
-import jaxlib
+import jaxlib  # only its version: `import jax` costs ~0.5 s, which block_cache's restart avoids
 
 from big_vision_lite import host_cpu, host_memory
 
@@ -47,6 +46,7 @@ def cache_dir() -> str:
 def _flags(language: str = "c++") -> list[str]:
   if language == "c":
     return ["-O2", "-fPIC", "-shared", "-pthread", "-w"]
+  import jax  # noqa: PLC0415 (see the import of jaxlib)
   return ["-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w",
           f"-I{jax.ffi.include_dir()}"]
 
@@ -109,6 +109,7 @@ def load(source_path: str, targets: Mapping[str, str], env_var: str, what: str) 
   """
   if host_memory.opted_out(os.environ, env_var):
     return f"disabled by {env_var}"
+  import jax  # noqa: PLC0415 (see the import of jaxlib)
   try:
     lib = ctypes.cdll.LoadLibrary(build(source_path))
     for target, symbol in targets.items():
