@@ -317,7 +317,7 @@ def main() -> None:
   print(f"our compiler_options: {opts}")
   for what, kernel in (("attention", cpu_attention), ("LayerNorm", cpu_layer_norm)):
     reason = kernel.unavailable_reason() if jax.device_count() == 1 else "several devices"
-    source = os.path.basename(kernel._SOURCE)  # pylint: disable=protected-access
+    source = os.path.basename(kernel.SOURCE)
     print(f"our {what}: " + (f"CPU kernel (big_vision_lite/kernels/{source})"
                              if reason is None else f"XLA ({reason})"))
   print("our compile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))

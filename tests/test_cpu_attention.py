@@ -113,7 +113,7 @@ def test_build_error_names_the_compiler_output(tmp_path, monkeypatch):
   leaves nothing in the cache."""
   bad = tmp_path / "bad.cc"
   bad.write_text("this is not C++\n")
-  monkeypatch.setattr(cpu_attention, "_SOURCE", str(bad))
+  monkeypatch.setattr(cpu_attention, "SOURCE", str(bad))
   monkeypatch.setenv("BVL_CACHE_DIR", str(tmp_path / "cache"))
   with pytest.raises(RuntimeError, match=r"compiling .*bad\.cc failed") as e:
     cpu_attention.build()

@@ -21,7 +21,7 @@ from big_vision_lite.kernels import cpu_build
 
 Array = jax.Array
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.cc")
+SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.cc")  # the kernel, built on first use
 _FWD, _BWD = "bvl_cpu_attention_fwd", "bvl_cpu_attention_bwd"
 # The kernel works in 16-float vectors along the head dimension.
 HEAD_DIM_MULTIPLE = 16
@@ -29,13 +29,13 @@ HEAD_DIM_MULTIPLE = 16
 
 def build(force: bool = False) -> str:
   """Compiles the kernel library (or finds it in the cache) and returns its path."""
-  return cpu_build.build(_SOURCE, force)
+  return cpu_build.build(SOURCE, force)
 
 
 @functools.cache
 def _load() -> str | None:
   """Builds, loads and registers the kernel once per process; None (with a warning) if not."""
-  return cpu_build.load(_SOURCE, {_FWD: "BvlAttentionFwd", _BWD: "BvlAttentionBwd"},
+  return cpu_build.load(SOURCE, {_FWD: "BvlAttentionFwd", _BWD: "BvlAttentionBwd"},
                         "BVL_CPU_ATTENTION", "attention")
 
 

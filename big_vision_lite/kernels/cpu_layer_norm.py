@@ -24,7 +24,7 @@ from big_vision_lite.kernels import cpu_build
 
 Array = jax.Array
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_layer_norm.cc")
+SOURCE = os.path.join(os.path.dirname(__file__), "cpu_layer_norm.cc")  # the kernel, built on first use
 _FWD, _BWD = "bvl_cpu_layer_norm_fwd", "bvl_cpu_layer_norm_bwd"
 WIDTH_MULTIPLE = 16  # the kernel works in 16-float vectors along the normalised axis
 # The kernel takes one (D,) scale and bias. Under vmap they may be batched too, which the
@@ -36,7 +36,7 @@ _VMAP = "sequential"
 @functools.cache
 def _load() -> str | None:
   """Builds, loads and registers the kernel once per process; None (with a warning) if not."""
-  return cpu_build.load(_SOURCE, {_FWD: "BvlLayerNormFwd", _BWD: "BvlLayerNormBwd"},
+  return cpu_build.load(SOURCE, {_FWD: "BvlLayerNormFwd", _BWD: "BvlLayerNormBwd"},
                         "BVL_CPU_LAYER_NORM", "LayerNorm")
 
 
