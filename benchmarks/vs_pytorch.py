@@ -40,7 +40,10 @@ On one CPU device our attention and LayerNorm are CPU kernels (big_vision_lite/k
 run prints which path each took, and `BVL_CPU_ATTENTION=0` / `BVL_CPU_LAYER_NORM=0` measure
 the XLA path instead. "machine before/after" lines give both frameworks' matmul speed and
 the memory copy rate around the timed steps: on a shared VM these vary from hour to hour,
-and ratios from runs whose machine lines differ are not comparable.
+and ratios from runs whose machine lines differ are not comparable. Each side's line also
+gives its GFLOP/s from the analytic FLOPs (big_vision_lite/flops.py; training = 3x forward)
+and that as a share of its own framework's matmul probe before the timed steps: how near
+each gets to what this machine's GEMM gives it.
 """
 
 from __future__ import annotations
@@ -196,12 +199,13 @@ def thread_settings(torch_mod) -> str:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
-def machine_state(torch_mod, size: int = 2048, repeats: int = 5) -> str:
-  """One line on how fast this machine is right now: both frameworks' fp32 matmul and a memory copy.
+def machine_state(torch_mod, size: int = 2048, repeats: int = 5) -> tuple[str, dict[str, float]]:
+  """How fast this machine is right now: both frameworks' fp32 matmul and a memory copy.
 
   On a shared VM the same step can take 1.5-2x longer from one hour to the next, and not
   alike for both frameworks (RESULTS.md, round 8), so each run records the state it ran in:
-  ratios are compared across runs only where these numbers match.
+  ratios are compared across runs only where these numbers match. Returns the line and the
+  matmul rates in FLOP/s ({"ours": jax's, "torch": torch's}).
   """
   jax_rate = flops.measure_matmul_flops(jax.devices()[0], size=size, repeats=repeats)
   a = torch_mod.ones(size, size)
@@ -214,8 +218,9 @@ def machine_state(torch_mod, size: int = 2048, repeats: int = 5) -> str:
     dst = np.frombuffer(dst_buf, np.float32)
     copy_s = _best_s(lambda: np.copyto(dst, src), repeats)  # the warm-up call faults pages in
     del src, dst  # the buffers cannot close while arrays still view them
-  return (f"{size}^2 fp32 matmul: jax {jax_rate / 1e9:.0f} GFLOP/s, torch {torch_rate / 1e9:.0f} "
+  line = (f"{size}^2 fp32 matmul: jax {jax_rate / 1e9:.0f} GFLOP/s, torch {torch_rate / 1e9:.0f} "
           f"GFLOP/s; memory copy {2 * nbytes / copy_s / 1e9:.1f} GB/s (read + write, numpy)")
+  return line, {"ours": jax_rate, "torch": torch_rate}
 
 
 def _best_s(fn: Callable[[], object], repeats: int) -> float:
@@ -261,10 +266,13 @@ def _alternate(fns: dict[str, Callable[[], float]], rounds: int, block: int, war
 
 
 def _report(label: str, batch: int, wall: dict[str, list[list[float]]],
-            cpu: dict[str, list[list[float]]], first: int) -> None:
+            cpu: dict[str, list[list[float]]], first: int, flops_per_step: float | None,
+            matmul_rates: dict[str, float]) -> None:
   """Prints images/s and the ratio over the steps of each block from index `first`.
 
-  first=0: total images / total time (every step counts); first>=1: median step.
+  first=0: total images / total time (every step counts); first>=1: median step. With the
+  step's analytic FLOPs (the same count for both sides: one model), also each side's FLOP/s
+  and that as a share of its own framework's matmul probe, the most this machine gives it.
   """
   pick = lambda runs: [t for block in runs for t in block[first:]]  # noqa: E731
   stat = statistics.mean if first == 0 else statistics.median
@@ -273,8 +281,12 @@ def _report(label: str, batch: int, wall: dict[str, list[list[float]]],
   cpu_ips = {k: batch / stat(pick(t)) for k, t in cpu.items()}
   print(f"  {label}:")
   for k in wall:
+    rate = ""
+    if flops_per_step:
+      achieved = flops_per_step / stat(pick(wall[k]))
+      rate = f";  {achieved / 1e9:.0f} GFLOP/s = {achieved / matmul_rates[k]:.0%} of its matmul probe"
     print(f"    {k:6s} {ips[k]:7.2f} img/s  {name} step {stat(pick(wall[k])):.3f} s;  "
-          f"CPU {stat(pick(cpu[k])):.3f} s/step = {cpu_ips[k]:.2f} img/CPU-s")
+          f"CPU {stat(pick(cpu[k])):.3f} s/step = {cpu_ips[k]:.2f} img/CPU-s{rate}")
   print(f"    ratio ours/torch = {ips['ours'] / ips['torch']:.3f} by wall time, "
         f"{cpu_ips['ours'] / cpu_ips['torch']:.3f} by CPU time  (goal >= 1.0)")
 
@@ -321,7 +333,10 @@ def main() -> None:
     print(f"our {what}: " + (f"CPU kernel (big_vision_lite/kernels/{source})"
                              if reason is None else f"XLA ({reason})"))
   print("our compile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
-  print("machine before: " + machine_state(theirs.torch))
+  before, matmul_rates = machine_state(theirs.torch)
+  print("machine before: " + before)
+  example = {"image": np.zeros((1, args.res, args.res, 3), np.float32)}
+  forward_flops = flops.model_forward_flops(ours.model, example)  # per image
   for mode in ("train", "infer"):
     if mode not in modes:
       continue
@@ -334,10 +349,13 @@ def main() -> None:
           f"after {args.warmup} warm-up:")
     for k in fns:
       print(f"  {k:6s} wall s by round: " + " | ".join(", ".join(f"{t:.3f}" for t in b) for b in wall[k]))
-    _report("all steps", batch, wall, cpu, first=0)
+    step_flops = forward_flops and (flops.train_flops_per_step(forward_flops, batch)
+                                    if mode == "train" else forward_flops * batch)
+    _report("all steps", batch, wall, cpu, 0, step_flops, matmul_rates)
     if args.block > 1:
-      _report("steady (each block's first step left out)", batch, wall, cpu, first=1)
-  print("machine after: " + machine_state(theirs.torch))
+      _report("steady (each block's first step left out)", batch, wall, cpu, 1, step_flops,
+              matmul_rates)
+  print("machine after: " + machine_state(theirs.torch)[0])
   print(bench_setup.memory_line())
 
 

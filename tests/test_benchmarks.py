@@ -51,6 +51,9 @@ def test_vs_pytorch_prints_settings_times_and_ratios():
   assert [side for side, _ in rounds] == ["ours", "torch"] * 2
   for _, times in rounds:
     assert len(re.findall(r"\d+\.\d+", times)) == 4
+  rates = re.findall(r"^    (ours|torch) +\d+\.\d+ img/s .*;  (\d+) GFLOP/s = (\d+)% of its matmul "
+                     r"probe$", out, re.M)
+  assert len(rates) == 8 and all(int(g) >= 0 and int(p) >= 0 for _, g, p in rates), out
   ratios = re.findall(r"ratio ours/torch = (\d+\.\d+) by wall time, (\d+\.\d+) by CPU time", out)
   assert len(ratios) == 4 and all(float(w) > 0 and float(c) > 0 for w, c in ratios)
   mem = re.search(r"^peak resident memory (\d+\.\d+) GiB(; block cache: (\d+) blocks mapped, "
