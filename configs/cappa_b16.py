@@ -8,6 +8,11 @@
 # (caption key of the examples), spm (local sentencepiece .model, or a word-per-line .txt; nothing is
 # downloaded), vocab (its size), variant (encoder, default B/16), res, batch, steps, parallel, opt
 # (adafactor|adamw).
+# The settings are those of big_vision's configs/proj/cappa/pretrain.py (its reference config, also
+# never run at scale in public): batch 8192, 366,500 steps, lr 1e-3 with 10k warmup steps and cosine
+# decay, wd 1e-4, grad clip 1.0, big_vision's Adafactor with beta2 capped at 0.999 (optim.py's
+# defaults), parallel prediction for 75% of examples with every input token masked, and no biases in
+# the decoder blocks (decoder_bias=False; its attention has none either).
 # Expected: the paper (CapPa, "Image Captioners Are Scalable Vision Learners Too") reports encoders
 # competitive with contrastive ones of the same size; FACTS.md records no accuracy number for it, so
 # none is promised here. This recipe has NOT been run at scale in this project (no
@@ -27,7 +32,7 @@ def get_config(arg=None):
     raise ConfigError(f"config arg opt: {args.opt!r} is not adafactor or adamw")
   c = ConfigDict()
   c.seed = 0
-  c.total_steps = args.steps or 100_000  # set steps= for your data size
+  c.total_steps = args.steps or 366_500  # big_vision's: ~3B examples at batch 8192
 
   c.input = image_text_input(args, args.res)
 
@@ -36,7 +41,8 @@ def get_config(arg=None):
       image=dict(variant=args.variant, pool_type="gap", scan=True, remat_policy="nothing_saveable",
                  dtype_mm="bfloat16"),
       # The decoder has the encoder's width/heads/mlp (variant without patch) and 6 layers.
-      decoder=dict(variant=args.variant.split("/")[0], depth=args.dec_depth, dtype_mm="bfloat16"),
+      decoder=dict(variant=args.variant.split("/")[0], depth=args.dec_depth, dtype_mm="bfloat16",
+                   use_bias=False),
       vocab_size=args.vocab, max_len=args.text_len)
   c.task = dict(name="captioning", parallel_fraction=args.parallel, tokenizer=args.spm)
 

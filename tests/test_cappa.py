@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from big_vision_lite import config as config_lib, decoding, models, pretrained, train
+from big_vision_lite import checkpoint, config as config_lib, decoding, models, pretrained, train
 from big_vision_lite.convert.tables import nest
 from big_vision_lite.models import decoder as dec
 from big_vision_lite.tasks.captioning import Captioning
@@ -78,6 +78,27 @@ def test_cached_logits_equal_full_forward(tiny):
     logits, cache = model.apply({"params": params}, txt[:, t:t + 1], cache, method="step")
     steps.append(logits)
   np.testing.assert_allclose(np.stack(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_without_biases_is_the_decoder_with_zero_biases(tiny):
+  """use_bias=False (big_vision's CapPa decoder_bias=False): no bias params in the blocks, and the
+  same logits as the biased decoder with those biases zeroed; cached scoring still agrees."""
+  model, params, img, txt = tiny
+  plain = models.get_model("cappa", image=VIT, decoder=dict(width=32, depth=2, num_heads=2,
+                                                            use_bias=False), vocab_size=V, max_len=L)
+  flat = checkpoint.flatten_with_names(params)
+  block_bias = {k for k in flat if k.startswith("decoder/EncDecBlock") and k.endswith("/bias")}
+  # 2 blocks x (LayerNorm1-3, query/key/value/out of SelfAttn and CrossAttn, MLP Dense_0/1).
+  assert len(block_bias) == 2 * (3 + 8 + 2)
+  shapes = jax.eval_shape(lambda: nn.unbox(plain.init(jax.random.PRNGKey(0), img, txt)["params"]))
+  # The final LayerNorm and the logits keep theirs.
+  assert set(checkpoint.flatten_with_names(shapes)) == set(flat) - block_bias
+  zeroed = nest({k: np.zeros_like(v) if k in block_bias else v for k, v in flat.items()})
+  stripped = nest({k: v for k, v in flat.items() if k not in block_bias})
+  want = np.asarray(model.apply({"params": zeroed}, img, txt)[0])
+  got = np.asarray(plain.apply({"params": stripped}, img, txt)[0])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  check_score_classes_equals_teacher_forcing(plain, stripped, img, txt)
 
 
 def check_score_classes_equals_teacher_forcing(model, params, img, txt):

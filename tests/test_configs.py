@@ -76,6 +76,13 @@ def test_captioning_recipe_builds_at_full_size(spec, res, n_range, tmp_path):
     assert config.model_init == ("/ckpt/stage1" if "stage=2" in spec else "")
   else:
     assert config.task.parallel_fraction == 0.75 and config.input.batch_size == 8192
+    # big_vision's configs/proj/cappa/pretrain.py: no biases in the decoder blocks (the final
+    # LayerNorm and the logits keep theirs), Adafactor, 366,500 steps.
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(params["decoder"])}
+    assert not [p for p in flat if p.startswith("EncDecBlock") and p.endswith("bias")], flat
+    assert {"LayerNorm/bias", "LogitsDense/bias", "EncDecBlock0/MLP/Dense_0/kernel"} <= flat, flat
+    assert config.optax_name == "adafactor" and config.total_steps == 366_500
 
 
 @pytest.mark.parametrize("spec", ["siglip_b16.py:files=/d/*.tar", "cappa_b16.py:files=/d/*.tar",

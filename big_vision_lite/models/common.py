@@ -117,12 +117,16 @@ class LayerNorm(nn.Module):
   """
   epsilon: float = 1e-6
   use_kernel: bool = True
+  use_bias: bool = True  # False: no `bias` param (big_vision's CapPa decoder_bias=False)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
     scale = self.param("scale", part(nn.initializers.ones, ("embed",)), (d,), jnp.float32)
-    bias = self.param("bias", part(nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
+    if self.use_bias:
+      bias = self.param("bias", part(nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
+    else:
+      bias = jnp.zeros((d,), jnp.float32)
     if self.use_kernel and cpu_layer_norm.supports(x, scale, bias):
       eps = self.epsilon
       return cpu_layer_norm.layer_norm(
@@ -130,9 +134,9 @@ class LayerNorm(nn.Module):
     return layer_norm_fn(x, scale, bias, self.epsilon)
 
 
-def layer_norm(eps: float, name: str | None = None) -> LayerNorm:
+def layer_norm(eps: float, name: str | None = None, use_bias: bool = True) -> LayerNorm:
   """The towers' LayerNorm (params `scale`, `bias`, annotated with the "embed" axis)."""
-  return LayerNorm(epsilon=eps, name=name)
+  return LayerNorm(epsilon=eps, name=name, use_bias=use_bias)
 
 
 class DenseGeneral(nn.Module):
@@ -239,6 +243,7 @@ class MlpBlock(nn.Module):
   mlp_dim: int | None = None  # Defaults to 4 * width.
   dropout: float = 0.0
   dtype_mm: Any = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -247,13 +252,14 @@ class MlpBlock(nn.Module):
     binit = nn.initializers.normal(stddev=1e-6)
     # Named as nn.Dense would be auto-named, so checkpoints keep Dense_0/Dense_1.
     x = DenseGeneral((self.mlp_dim or 4 * d,), kernel_axes=("embed", "mlp"), bias_axes=("mlp",),
-                     dtype_mm=self.dtype_mm, kernel_init=kinit, bias_init=binit, name="Dense_0")(x)
+                     dtype_mm=self.dtype_mm, use_bias=self.use_bias, kernel_init=kinit,
+                     bias_init=binit, name="Dense_0")(x)
     x = nn.with_logical_constraint(x, ACT_MLP)
     x = nn.gelu(x)
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
     return DenseGeneral((d,), kernel_axes=("mlp", "embed"), bias_axes=("embed",),
-                        dtype_mm=self.dtype_mm, kernel_init=kinit, bias_init=binit,
-                        name="Dense_1")(x)
+                        dtype_mm=self.dtype_mm, use_bias=self.use_bias, kernel_init=kinit,
+                        bias_init=binit, name="Dense_1")(x)
 
 
 class Encoder1DBlock(nn.Module):

@@ -74,6 +74,7 @@ class Attention(nn.Module):
   """
   num_heads: int = 8
   dtype_mm: Any = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x_q: Array, x_kv: Array | None, mask: Array | None = None,
@@ -83,7 +84,7 @@ class Attention(nn.Module):
       raise ValueError(f"decoder width {d} is not divisible by num_heads {self.num_heads}")
     hd = d // self.num_heads
     proj = dict(features=(self.num_heads, hd), num_in=1, kernel_axes=("embed", "heads", "kv"),
-                bias_axes=("heads", "kv"), dtype_mm=self.dtype_mm)
+                bias_axes=("heads", "kv"), dtype_mm=self.dtype_mm, use_bias=self.use_bias)
     q = DenseGeneral(name="query", **proj)(x_q)
     if x_kv is not None:
       k = DenseGeneral(name="key", **proj)(x_kv)
@@ -100,7 +101,8 @@ class Attention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype_mm)
     y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     y = DenseGeneral(features=(d,), num_in=2, kernel_axes=("heads", "kv", "embed"),
-                     bias_axes=("embed",), dtype_mm=self.dtype_mm, name="out")(y)
+                     bias_axes=("embed",), dtype_mm=self.dtype_mm, use_bias=self.use_bias,
+                     name="out")(y)
     return y, {"k": k, "v": v}
 
 
@@ -112,26 +114,28 @@ class DecoderBlock(nn.Module):
   cross: bool = True
   dtype_mm: Any = jnp.float32
   norm_eps: float = 1e-6
+  use_bias: bool = True  # in the attention projections, the MLP and the LayerNorms
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, memory: Array | None = None, cache: dict | None = None,
                index: Array | None = None, deterministic: bool = True) -> tuple[Array, dict]:
     new_cache = {}
-    y = layer_norm(self.norm_eps, name="LayerNorm1")(x)
-    y, new_cache["self"] = Attention(self.num_heads, self.dtype_mm, name="SelfAttn")(
+    bias = self.use_bias
+    y = layer_norm(self.norm_eps, name="LayerNorm1", use_bias=bias)(x)
+    y, new_cache["self"] = Attention(self.num_heads, self.dtype_mm, bias, name="SelfAttn")(
         y, y, mask, cache=None if cache is None else cache["self"], index=index)
     x = x + nn.Dropout(rate=self.dropout)(y, deterministic)
     if self.cross:
       cross_cache = None if cache is None else cache.get("cross")
       if cross_cache is None and memory is None:
         raise ValueError("decoder: cross-attention needs the image tokens (memory) or a prefilled cache")
-      y = layer_norm(self.norm_eps, name="LayerNorm2")(x)
-      y, new_cache["cross"] = Attention(self.num_heads, self.dtype_mm, name="CrossAttn")(
+      y = layer_norm(self.norm_eps, name="LayerNorm2", use_bias=bias)(x)
+      y, new_cache["cross"] = Attention(self.num_heads, self.dtype_mm, bias, name="CrossAttn")(
           y, memory if cross_cache is None else None, None, cache=cross_cache)
       x = x + nn.Dropout(rate=self.dropout)(y, deterministic)
-    y = layer_norm(self.norm_eps, name="LayerNorm3")(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm, name="MLP")(
-        y, deterministic)
+    y = layer_norm(self.norm_eps, name="LayerNorm3", use_bias=bias)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm,
+                 use_bias=bias, name="MLP")(y, deterministic)
     x = x + nn.Dropout(rate=self.dropout)(y, deterministic)
     return x, new_cache
 
@@ -158,6 +162,10 @@ class Decoder(nn.Module):
   mask_token: bool = False  # one extra embedding row (id vocab_size) for parallel prediction
   dtype_mm: str = "float32"
   norm_eps: float = 1e-6
+  # Biases in the blocks (attention projections, MLP, LayerNorms); the final LayerNorm and
+  # LogitsDense keep theirs. big_vision's CapPa recipe has none there (decoder_bias=False,
+  # and its attention never has any).
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, tokens: Array, memory: Array | None = None, prefix: Array | None = None, *,
@@ -208,7 +216,7 @@ class Decoder(nn.Module):
     for i in range(self.depth):
       x, c = DecoderBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                           cross=self.cross, dtype_mm=dtype_mm, norm_eps=self.norm_eps,
-                          name=f"EncDecBlock{i}")(
+                          use_bias=self.use_bias, name=f"EncDecBlock{i}")(
           x, mask, memory, None if cache is None else cache["layers"][i], index, not train)
       new_layers.append(c)
     x = layer_norm(self.norm_eps, name="LayerNorm")(x[:, p_in:])
