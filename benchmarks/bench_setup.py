@@ -53,7 +53,6 @@ def memory_line() -> str:
   scale = 1 if sys.platform == "darwin" else 1024
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
   line = f"peak resident memory {peak / 2**30:.2f} GiB"
-  if (st := block_cache.stats()) is not None:
-    line += (f"; block cache: {st.mapped} blocks mapped, {st.reused} reused, {st.unmapped} "
-             f"unmapped, peak live {st.peak_live_bytes / 2**30:.2f} GiB")
+  if (counters := block_cache.counters()) is not None:
+    line += f"; {counters}"
   return line

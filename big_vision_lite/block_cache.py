@@ -6,7 +6,10 @@ sometimes, and the heap grows to 3-4 blocks of temporaries (ViT-S/16 at batch 32
 resident), each growth step ~1.5-2.3x slower. The block cache serves aligned requests of 1 MiB
 and more (`BVL_BLOCK_CACHE_MIN_BYTES`) from mappings it keeps when they are freed, so a step
 reuses the previous step's pages: ViT-S then held 2 blocks (5.75 GB) and no step after the
-second faulted (benchmarks/RESULTS.md, round 11).
+second faulted (benchmarks/RESULTS.md, round 11). A request of 64 MiB and more that finds no
+kept block while a live one would fit waits up to 20 ms for it to be freed
+(`BVL_BLOCK_CACHE_WAIT_MS`, `BVL_BLOCK_CACHE_WAIT_MIN_BYTES`): a loop that starts each step as
+soon as the last one's outputs are ready gets there just before XLA frees its temporaries.
 
 A library must be loaded before the program starts to replace its allocator, so `restart`
 re-executes the program once with LD_PRELOAD; the trainer's command line does this first
@@ -28,6 +31,8 @@ from big_vision_lite import host_memory
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "block_cache.c")
 SWITCH = "BVL_BLOCK_CACHE"
 MIN_BYTES = "BVL_BLOCK_CACHE_MIN_BYTES"
+WAIT_MS = "BVL_BLOCK_CACHE_WAIT_MS"
+WAIT_MIN_BYTES = "BVL_BLOCK_CACHE_WAIT_MIN_BYTES"
 # Set for the re-executed program, so that it can tell a failed preload from a first start.
 _RESTARTED = "BVL_BLOCK_CACHE_RESTARTED"
 _PAGE = 4096
@@ -44,6 +49,8 @@ class Stats:
   reused: int  # requests served from a kept block
   unmapped: int  # freed blocks given back, the kept ones being at the peak already
   min_bytes: int  # smaller requests go to glibc
+  waits: int  # large requests that waited for a live block to be freed (BVL_BLOCK_CACHE_WAIT_MS)
+  waits_served: int  # ... and got a freed block, rather than a fresh mapping
 
 
 def stats() -> Stats | None:
@@ -52,9 +59,18 @@ def stats() -> Stats | None:
     fn = ctypes.CDLL(None).bvl_block_cache_stats
   except AttributeError:
     return None
-  out = (ctypes.c_uint64 * 7)()
+  out = (ctypes.c_uint64 * 9)()
   fn(out)
   return Stats(*(int(v) for v in out))
+
+
+def counters() -> str | None:
+  """The counters in one line, for the end of a run; None where the library is not loaded."""
+  if (st := stats()) is None:
+    return None
+  return (f"block cache: {st.mapped} blocks mapped, {st.reused} reused, {st.unmapped} unmapped, "
+          f"peak live {st.peak_live_bytes / 2**30:.2f} GiB, {st.waits} waits for a free "
+          f"({st.waits_served} served)")
 
 
 def active() -> bool:
@@ -62,12 +78,19 @@ def active() -> bool:
   return stats() is not None
 
 
-def check_min_bytes(env: Mapping[str, str]) -> None:
-  """Raises ValueError naming BVL_BLOCK_CACHE_MIN_BYTES where it is set but not usable."""
-  value = env.get(MIN_BYTES, "").strip()
-  if value and not (value.isdigit() and int(value) >= _PAGE):
-    raise ValueError(f"{MIN_BYTES}={env[MIN_BYTES]!r} is not a whole number of bytes >= {_PAGE} "
-                     "(the smallest aligned request the block cache serves)")
+def check_env(env: Mapping[str, str]) -> None:
+  """Raises ValueError naming the variable where one of the cache's settings is set but not usable.
+
+  The library reads them when it loads and cannot report an error, so they are checked here.
+  """
+  checks = ((MIN_BYTES, _PAGE, None, f"bytes >= {_PAGE} (the smallest aligned request the block "
+             "cache serves)"),
+            (WAIT_MS, 0, 10_000, "milliseconds in [0, 10000] (0: large requests never wait)"),
+            (WAIT_MIN_BYTES, _PAGE, None, f"bytes >= {_PAGE}"))
+  for name, low, high, what in checks:
+    value = env.get(name, "").strip()
+    if value and not (value.isdigit() and int(value) >= low and (high is None or int(value) <= high)):
+      raise ValueError(f"{name}={env[name]!r} is not a whole number of {what}")
 
 
 def why_not(env: Mapping[str, str], *, platforms: str | None = None,
@@ -96,10 +119,10 @@ def restart(argv: Sequence[str], env: Mapping[str, str] = os.environ, *,
   restarts. In the restarted program it returns None (or why the preload failed) and removes
   its variables from os.environ, so that the program's children start without the cache.
   Otherwise it returns why it did not restart. Raises ValueError for a bad
-  BVL_BLOCK_CACHE_MIN_BYTES.
+  BVL_BLOCK_CACHE_MIN_BYTES, BVL_BLOCK_CACHE_WAIT_MS or BVL_BLOCK_CACHE_WAIT_MIN_BYTES.
   """
   global _outcome
-  check_min_bytes(env)
+  check_env(env)
   _outcome = _restart(argv, env, execve, build, platforms, device_globs)
   return _outcome
 

@@ -497,6 +497,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     if ckpt:
       ckpt.wait_until_finished()
       ckpt.close()
+  if is_main and (counters := block_cache.counters()):
+    print(f"host memory: {counters}", flush=True)
   return last
 
 

@@ -57,7 +57,8 @@ def test_vs_pytorch_prints_settings_times_and_ratios():
   ratios = re.findall(r"ratio ours/torch = (\d+\.\d+) by wall time, (\d+\.\d+) by CPU time", out)
   assert len(ratios) == 4 and all(float(w) > 0 and float(c) > 0 for w, c in ratios)
   mem = re.search(r"^peak resident memory (\d+\.\d+) GiB(; block cache: (\d+) blocks mapped, "
-                  r"(\d+) reused, \d+ unmapped, peak live \d+\.\d+ GiB)?$", out, re.M)
+                  r"(\d+) reused, \d+ unmapped, peak live \d+\.\d+ GiB, \d+ waits for a free "
+                  r"\(\d+ served\))?$", out, re.M)
   assert mem and float(mem[1]) > 0, out
   if "large blocks cached: yes" in out:
     assert int(mem[3]) > 0 and int(mem[4]) > 0, out  # the steps reused their blocks

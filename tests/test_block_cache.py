@@ -87,12 +87,14 @@ def test_a_freed_block_is_handed_to_the_next_request_it_fits(lib):
   """)
   assert r["aligned"] and r["usable"] == 3 * MIB
   assert r["after_alloc"] == {"live_bytes": 3 * MIB, "kept_bytes": 0, "peak_live_bytes": 3 * MIB,
-                              "mapped": 1, "reused": 0, "unmapped": 0, "min_bytes": MIB}
+                              "mapped": 1, "reused": 0, "unmapped": 0, "min_bytes": MIB,
+                              "waits": 0, "waits_served": 0}
   assert r["after_free"]["live_bytes"] == 0 and r["after_free"]["kept_bytes"] == 3 * MIB
   assert r["same"] and r["b_is_a"] and r["d_is_c"]
   assert r["small_ours"] == 3 * MIB + MIB + 4096
   assert r["end"] == {"live_bytes": 0, "kept_bytes": 4 * MIB + 4096, "peak_live_bytes": 4 * MIB + 4096,
-                      "mapped": 2, "reused": 3, "unmapped": 0, "min_bytes": MIB}
+                      "mapped": 2, "reused": 3, "unmapped": 0, "min_bytes": MIB, "waits": 0,
+                      "waits_served": 0}
 
 
 def test_live_and_kept_blocks_stay_within_twice_the_peak(lib):
@@ -224,14 +226,54 @@ def test_fork_while_other_threads_allocate(lib):
   assert r == [0] * 40
 
 
+def test_a_large_request_waits_for_a_live_block_about_to_be_freed(lib):
+  """The benchmark's loop: the next step asks for its temporaries a moment before the previous
+  step's are freed (here by another thread, 5 ms later); it gets them instead of a new mapping."""
+  r = run_preloaded(lib, """
+    import time
+    out = {}
+    a = alloc(8 * MIB)
+    t = threading.Timer(0.005, libc.free, [a]); t.start()
+    b = alloc(8 * MIB)                             # waits, and gets a's block
+    t.join()
+    out["b_is_a"] = b == a
+    out["served"] = st()
+    c = alloc(8 * MIB)                             # b is live and nothing frees it: 20 ms, mapped
+    out["gave_up"] = st()
+    d = alloc(8 * MIB)                             # that size is not waited for again
+    e = alloc(2 * MIB)                             # under the 4 MiB threshold: no wait
+    f = alloc(20 * MIB)                            # no live block fits: no wait
+    out["end"] = st()
+    print(json.dumps(out))
+  """, env={"BVL_BLOCK_CACHE_WAIT_MIN_BYTES": str(4 << 20)})
+  assert r["b_is_a"]
+  assert (r["served"]["mapped"], r["served"]["reused"], r["served"]["waits"],
+          r["served"]["waits_served"]) == (1, 1, 1, 1)
+  assert (r["gave_up"]["mapped"], r["gave_up"]["waits"], r["gave_up"]["waits_served"]) == (2, 2, 1)
+  assert (r["end"]["mapped"], r["end"]["waits"]) == (5, 2)
+
+
+def test_no_wait_when_turned_off(lib):
+  r = run_preloaded(lib, """
+    a = alloc(8 * MIB); b = alloc(8 * MIB)
+    print(json.dumps(st()))
+  """, env={"BVL_BLOCK_CACHE_WAIT_MIN_BYTES": str(4 << 20), "BVL_BLOCK_CACHE_WAIT_MS": "0"})
+  assert r["mapped"] == 2 and r["waits"] == 0
+
+
 def test_min_bytes_from_the_environment(lib):
   r = run_preloaded(lib, "a = alloc(16384); print(json.dumps(st()))",
                     env={"BVL_BLOCK_CACHE_MIN_BYTES": "8192"})
   assert r["min_bytes"] == 8192 and r["live_bytes"] == 16384
   with pytest.raises(ValueError, match="BVL_BLOCK_CACHE_MIN_BYTES='1k' is not a whole number"):
-    block_cache.check_min_bytes({"BVL_BLOCK_CACHE_MIN_BYTES": "1k"})
+    block_cache.check_env({"BVL_BLOCK_CACHE_MIN_BYTES": "1k"})
   with pytest.raises(ValueError, match=">= 4096"):
-    block_cache.check_min_bytes({"BVL_BLOCK_CACHE_MIN_BYTES": "100"})
+    block_cache.check_env({"BVL_BLOCK_CACHE_MIN_BYTES": "100"})
+  with pytest.raises(ValueError, match=r"BVL_BLOCK_CACHE_WAIT_MS='20000' .* \[0, 10000\]"):
+    block_cache.check_env({"BVL_BLOCK_CACHE_WAIT_MS": "20000"})
+  with pytest.raises(ValueError, match="BVL_BLOCK_CACHE_WAIT_MIN_BYTES='-1'"):
+    block_cache.check_env({"BVL_BLOCK_CACHE_WAIT_MIN_BYTES": "-1"})
+  block_cache.check_env({"BVL_BLOCK_CACHE_WAIT_MS": "0", "BVL_BLOCK_CACHE_WAIT_MIN_BYTES": "4096"})
 
 
 # ------------------------------------------------------------------------------ restart

@@ -65,6 +65,9 @@ def uninterrupted(tmp_path_factory):
   # ... having restarted itself once with the block cache preloaded (block_cache.py).
   if host_memory.glibc_version() is not None and cpu_build.compiler("c"):
     assert "host memory: blocks of 1024 KiB and more are kept for reuse" in r.stdout, r.stdout
+    # ... and its counters at the end (this tiny model has no block of 1 MiB: all zero).
+    assert re.search(r"^host memory: block cache: \d+ blocks mapped, \d+ reused, \d+ unmapped, "
+                     r"peak live [\d.]+ GiB, \d+ waits for a free \(\d+ served\)$", r.stdout, re.M), r.stdout
   # After the first step: the compiled step's memory per device, from XLA's analysis.
   mem = re.search(r"^train step memory per device \(XLA's analysis\): arguments ([\d.]+) MiB, "
                   r"temporaries ([\d.]+) MiB, outputs ([\d.]+) MiB \(([\d.]+) MiB of them in "

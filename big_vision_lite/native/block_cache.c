@@ -10,9 +10,16 @@
 // reuses the previous step's pages. Everything else goes to glibc.
 //
 // Memory bound: a freed mapping is kept while the live and kept blocks together stay within
-// twice the peak of live ones; past that it is unmapped. In the runs measured the process held
-// two blocks of temporaries: the trainer dispatches a step before the previous one has freed
-// its temporaries.
+// twice the peak of live ones; past that it is unmapped. Without the wait below, the runs
+// measured held two blocks of temporaries: the trainer dispatches a step before the previous
+// one has freed its temporaries.
+//
+// A short wait: a request of BVL_BLOCK_CACHE_WAIT_MIN_BYTES (64 MiB) or more that no kept block
+// fits, while a live block would fit it, waits up to BVL_BLOCK_CACHE_WAIT_MS (20 ms; 0: never)
+// for that block to be freed. A loop that waits for each step's outputs then starts the next
+// step gets there a moment before XLA frees the previous step's temporaries, and would map a
+// second block for good. A size whose wait ran out is not waited for again: where two such
+// blocks are genuinely live at once (the trainer's dispatch ahead), that costs one wait.
 //
 // Only glibc's entry points are wrapped (__libc_*), so it must not be combined with another
 // preloaded allocator; big_vision_lite/block_cache.py does not preload it where LD_PRELOAD is set.
@@ -26,7 +33,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
+
+// pthread_cond_clockwait (glibc 2.30) waits on the monotonic clock, which no clock change moves.
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
+#define HAVE_CLOCKWAIT 1
+#else
+#define HAVE_CLOCKWAIT 0
+#endif
 
 extern void* __libc_memalign(size_t alignment, size_t size);
 extern void __libc_free(void* p);
@@ -35,6 +50,7 @@ extern void* __libc_realloc(void* p, size_t size);
 #define PAGE ((size_t)4096)
 #define LIVE_SLOTS ((size_t)1 << 16)  // a power of two, well above the live blocks of a run
 #define FREE_SLOTS 4096
+#define GAVE_UP_SLOTS 64
 
 typedef struct {
   uintptr_t addr;  // 0: empty slot
@@ -49,7 +65,14 @@ static int n_freed;
 static size_t min_bytes = (size_t)1 << 20;
 static size_t live_bytes, freed_bytes, peak_live_bytes;
 static uint64_t n_mapped, n_reused, n_unmapped;
+static size_t wait_min_bytes = (size_t)64 << 20;
+static long wait_ms = HAVE_CLOCKWAIT ? 20 : 0;
+static uint64_t n_waits, n_waits_served;
+static int n_waiting;
+static size_t gave_up[GAVE_UP_SLOTS];  // sizes whose wait ran out: not waited for again
+static int n_gave_up;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t freed_cv = PTHREAD_COND_INITIALIZER;
 static size_t (*next_usable_size)(void*);
 
 static size_t home(uintptr_t addr) {
@@ -100,14 +123,64 @@ static int drop_kept(void) {
   return n;
 }
 
+static int fits(size_t block_size, size_t n) { return block_size >= n && block_size / 2 <= n; }
+
+static int best_kept(size_t n) {  // the smallest kept block that fits n, or -1
+  int best = -1;
+  for (int i = 0; i < n_freed; i++)
+    if (fits(freed[i].size, n) && (best < 0 || freed[i].size < freed[best].size)) best = i;
+  return best;
+}
+
+// With mu held: whether a request of n bytes that no kept block fits should wait for a free.
+static int should_wait(size_t n) {
+  if (wait_ms <= 0 || n < wait_min_bytes) return 0;
+  for (int i = 0; i < n_gave_up; i++)
+    if (gave_up[i] == n) return 0;
+  for (size_t i = 0; i < LIVE_SLOTS; i++)  // a scan, but only for rare large requests
+    if (live[i].addr && fits(live[i].size, n)) return 1;
+  return 0;
+}
+
+// With mu held: waits up to wait_ms for a kept block that fits n; its index, or -1.
+static int wait_for_kept(size_t n) {
+#if HAVE_CLOCKWAIT
+  struct timespec deadline;
+  clock_gettime(CLOCK_MONOTONIC, &deadline);
+  deadline.tv_sec += wait_ms / 1000;
+  deadline.tv_nsec += (wait_ms % 1000) * 1000000L;
+  if (deadline.tv_nsec >= 1000000000L) {
+    deadline.tv_sec++;
+    deadline.tv_nsec -= 1000000000L;
+  }
+  n_waits++;
+  n_waiting++;
+  int best = -1;
+  while ((best = best_kept(n)) < 0) {
+    if (pthread_cond_clockwait(&freed_cv, &mu, CLOCK_MONOTONIC, &deadline) == ETIMEDOUT) {
+      best = best_kept(n);
+      break;
+    }
+  }
+  n_waiting--;
+  if (best >= 0) {
+    n_waits_served++;
+  } else if (n_gave_up < GAVE_UP_SLOTS) {
+    gave_up[n_gave_up++] = n;
+  }
+  return best;
+#else
+  (void)n;
+  return -1;
+#endif
+}
+
 static void* map_block(size_t size) {
   size_t n = (size + PAGE - 1) & ~(PAGE - 1);
   void* p = NULL;
   pthread_mutex_lock(&mu);
-  int best = -1;
-  for (int i = 0; i < n_freed; i++)
-    if (freed[i].size >= n && freed[i].size / 2 <= n && (best < 0 || freed[i].size < freed[best].size))
-      best = i;
+  int best = best_kept(n);
+  if (best < 0 && should_wait(n)) best = wait_for_kept(n);
   if (best >= 0) {
     p = (void*)freed[best].addr;
     n = freed[best].size;
@@ -164,6 +237,7 @@ static int release_block(void* p) {
     freed[n_freed].size = n;
     n_freed++;
     freed_bytes += n;
+    if (n_waiting) pthread_cond_broadcast(&freed_cv);
   } else {
     n_unmapped++;
   }
@@ -240,8 +314,9 @@ size_t malloc_usable_size(void* p) {
 }
 
 // For big_vision_lite/block_cache.py: live, kept-freed and peak-live bytes; blocks mapped,
-// reused and unmapped since the process started; the size threshold.
-void bvl_block_cache_stats(uint64_t out[7]) {
+// reused and unmapped since the process started; the size threshold; waits for a free, and
+// those a freed block ended.
+void bvl_block_cache_stats(uint64_t out[9]) {
   pthread_mutex_lock(&mu);
   out[0] = live_bytes;
   out[1] = freed_bytes;
@@ -250,19 +325,31 @@ void bvl_block_cache_stats(uint64_t out[7]) {
   out[4] = n_reused;
   out[5] = n_unmapped;
   out[6] = min_bytes;
+  out[7] = n_waits;
+  out[8] = n_waits_served;
   pthread_mutex_unlock(&mu);
 }
 
 static void lock(void) { pthread_mutex_lock(&mu); }
 static void unlock(void) { pthread_mutex_unlock(&mu); }
 
+// A whole number from the environment, or -1 where unset or not one (block_cache.py reports
+// bad values before the restart).
+static long long env_number(const char* name) {
+  const char* s = getenv(name);
+  if (!s || !*s) return -1;
+  char* end;
+  unsigned long long v = strtoull(s, &end, 10);
+  return *end == '\0' && v <= (unsigned long long)1 << 62 ? (long long)v : -1;
+}
+
 __attribute__((constructor)) static void init(void) {
-  const char* s = getenv("BVL_BLOCK_CACHE_MIN_BYTES");
-  if (s && *s) {
-    char* end;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (*end == '\0' && v >= PAGE) min_bytes = (size_t)v;
-  }
+  long long v = env_number("BVL_BLOCK_CACHE_MIN_BYTES");
+  if (v >= (long long)PAGE) min_bytes = (size_t)v;
+  v = env_number("BVL_BLOCK_CACHE_WAIT_MS");
+  if (v >= 0 && v <= 10000) wait_ms = HAVE_CLOCKWAIT ? (long)v : 0;
+  v = env_number("BVL_BLOCK_CACHE_WAIT_MIN_BYTES");
+  if (v >= (long long)PAGE) wait_min_bytes = (size_t)v;
   // A fork while another thread holds the lock would leave the child's copy locked.
   pthread_atfork(lock, unlock, unlock);
 }
