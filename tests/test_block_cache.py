@@ -226,6 +226,31 @@ def test_fork_while_other_threads_allocate(lib):
   assert r == [0] * 40
 
 
+def test_fork_while_a_thread_waits_for_a_free(lib):
+  """The child of a fork has no waiter, whatever the parent's condition variable recorded: its
+  own frees and allocations of the same size must not hang on the parent's waiter."""
+  r = run_preloaded(lib, """
+    import time
+    a = alloc(8 * MIB)
+    t = threading.Thread(target=lambda: libc.free(alloc(8 * MIB)))  # waits up to 2 s for a
+    t.start()
+    time.sleep(0.3)
+    codes = []
+    for _ in range(3):
+      pid = os.fork()
+      if pid == 0:
+        b = alloc(16 * MIB); libc.free(b)       # kept: a broadcast to the parent's waiter
+        c = alloc(8 * MIB); libc.free(c)        # b's block (fits 8 MiB): no wait
+        os._exit(0 if c == b else 3)
+      codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    libc.free(a)
+    t.join()
+    print(json.dumps([codes, st()["waits_served"]]))
+  """, env={"BVL_BLOCK_CACHE_WAIT_MIN_BYTES": str(4 << 20), "BVL_BLOCK_CACHE_WAIT_MS": "2000"},
+                    timeout=120)
+  assert r == [[0, 0, 0], 1]
+
+
 def test_a_large_request_waits_for_a_live_block_about_to_be_freed(lib):
   """The benchmark's loop: the next step asks for its temporaries a moment before the previous
   step's are freed (here by another thread, 5 ms later); it gets them instead of a new mapping."""

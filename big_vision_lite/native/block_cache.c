@@ -332,6 +332,12 @@ void bvl_block_cache_stats(uint64_t out[9]) {
 
 static void lock(void) { pthread_mutex_lock(&mu); }
 static void unlock(void) { pthread_mutex_unlock(&mu); }
+// The child has one thread: none of the parent's waiters, whatever the condition recorded.
+static void child(void) {
+  n_waiting = 0;
+  pthread_cond_init(&freed_cv, NULL);
+  pthread_mutex_unlock(&mu);
+}
 
 // A whole number from the environment, or -1 where unset or not one (block_cache.py reports
 // bad values before the restart).
@@ -351,5 +357,5 @@ __attribute__((constructor)) static void init(void) {
   v = env_number("BVL_BLOCK_CACHE_WAIT_MIN_BYTES");
   if (v >= (long long)PAGE) wait_min_bytes = (size_t)v;
   // A fork while another thread holds the lock would leave the child's copy locked.
-  pthread_atfork(lock, unlock, unlock);
+  pthread_atfork(lock, unlock, child);
 }
