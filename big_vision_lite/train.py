@@ -560,7 +560,7 @@ def check_bad_fraction(bad: int, read: int, max_fraction: float, step: int) -> N
     raise BadInputError(
         f"too many bad examples: {bad} of the {read} records read by step {step} were bad, over "
         f"all input processes since step 0 (more than config.input.max_bad_fraction="
-        f"{max_fraction:g}); the warnings above name them, metrics.jsonl has the count")
+        f"{max_fraction:g}); the warnings above name them")
 
 
 def _check_guard(config, step: int, status: tuple[int, int, int], reported: tuple[int, int], ckpt,
