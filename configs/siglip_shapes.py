@@ -8,8 +8,9 @@
 # trainings sharing the 2 cores): zero-shot 0.307 / 0.398 / 0.604 / 0.825 / 0.905 / 0.922 /
 # 0.939 / 0.941 at steps 300-2400, retrieval R@1 i2t 0.426, t2i 0.485 (R@10 0.947 / 0.957),
 # 10-shot linear probe on the image features 0.90.
-# LiT, `:lit=runs/vit,keep_prob=0.5,steps=1200` (image tower locked from the quick-start
-# classifier; measured 2026-11-23): zero-shot 0.944, retrieval R@1 0.093 / 0.131.
+# LiT, `:lit=runs/vit,steps=1200` (image tower locked from the quick-start classifier; measured
+# 2026-11-25): zero-shot 0.947, retrieval R@1 0.020 / 0.036, 10-shot probe 0.93 (keep_prob=0.5,
+# 2026-11-23: zero-shot 0.944, R@1 0.093 / 0.131).
 # Args: loss=sigmoid|softmax, chunked (ring loss across devices), keep_prob (caption attribute
 # dropout), lit=<vit_shapes workdir> (LiT: locked image tower), steps, batch, res, width, depth,
 # patch, workers.
