@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import sys
 
+
+def _restart_command_line() -> int | None:
+  """Restarts this program once with the block cache preloaded (block_cache.py), where it
+  applies; 2 after printing a bad BVL_BLOCK_CACHE_* setting, else None."""
+  from big_vision_lite import block_cache  # pylint: disable=import-outside-toplevel (light: no JAX)
+  try:
+    block_cache.restart(sys.orig_argv[1:])
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return None
+
+
 _restart_checked = False
 if __name__ == "__main__":
-  # The command line restarts itself once with the block cache preloaded (block_cache.py),
-  # before the imports below: they take ~1 s, which a restart in main() would pay twice.
-  from big_vision_lite import block_cache as _block_cache  # light: no JAX
-  try:
-    _block_cache.restart(sys.orig_argv[1:])
-  except ValueError as _e:
-    print(f"error: {_e}", file=sys.stderr)
-    sys.exit(2)
+  # Before the imports below: they take ~1 s, which a restart in main() would pay twice.
+  if (_code := _restart_command_line()) is not None:
+    sys.exit(_code)
   _restart_checked = True
 
 import argparse
@@ -614,14 +622,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  if argv is None and not _restart_checked:
-    # As the command line does above, for a program that calls main() itself; a caller that
-    # passes argv keeps its process as it is.
-    try:
-      block_cache.restart(sys.orig_argv[1:])
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+  # As the command line does above, for a program that calls main() itself; a caller that
+  # passes argv keeps its process as it is.
+  if argv is None and not _restart_checked and (code := _restart_command_line()) is not None:
+    return code
   # Before JAX starts: XLA's threads pick their malloc arenas on their first allocation.
   host_memory.keep_freed_memory()
   # grain's worker processes read absl flags; we take no absl flags of our own.
