@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import math
 import os
 from typing import Any
 
@@ -293,6 +294,8 @@ def validate(config: ConfigDict, num_devices: int, process_count: int = 1) -> No
   check(config.log_training_steps > 0, "log_training_steps", "must be positive")
   check(config.ckpt_steps >= 0, "ckpt_steps", "must be >= 0 (0 disables checkpoints)")
   check(config.lr >= 0, "lr", f"must be >= 0, got {config.lr}")
+  check(math.isfinite(config.lr), "lr", f"must be finite, got {config.lr}")
+  check(math.isfinite(config.wd), "wd", f"must be finite, got {config.wd}")
   check(config.total_steps >= 0, "total_steps", f"must be >= 0, got {config.total_steps}")
   check(config.total_epochs >= 0, "total_epochs", f"must be >= 0, got {config.total_epochs}")
   check(config.wd >= 0, "wd", f"must be >= 0, got {config.wd}")

@@ -42,6 +42,8 @@ _PEAK_TABLE: tuple[tuple[str, float, str], ...] = (
 )
 
 DEFAULT_CACHE_PATH = os.path.join("~", ".cache", "big_vision_lite", "peak_flops.json")
+# A cached CPU peak older than this is measured afresh (a host's CPU can change under a VM).
+PEAK_CACHE_MAX_AGE_S = 7 * 24 * 3600
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -91,8 +93,7 @@ def vit_forward_flops(
   """
   ih, iw = _pair(image_size)
   ph, pw = _pair(patch_size)
-  if ih % ph or iw % pw:
-    raise ValueError(f"image size {(ih, iw)} is not divisible by patch size {(ph, pw)}")
+  # The model drops the rows/columns past the last whole patch (PatchEmbed); so does the count.
   if pool_type not in ("gap", "tok", "map", "none", "0"):
     raise ValueError(f"unknown pool_type {pool_type!r} (expected gap, tok, map or none)")
   mlp = 4 * width if mlp_dim is None else mlp_dim
@@ -210,9 +211,9 @@ def default_peak_flops(device: Any = None, *,
   """Peak FLOP/s of one device and where the number came from.
 
   Known TPUs/GPUs come from a table (bf16 dense). Anything else, CPU included,
-  is measured once with a matmul probe and cached by device kind, CPU count and CPU model
-  (`host_cpu.signature()`: a home directory shared by hosts with other CPUs keeps one
-  number per CPU) in `cache_path` (None disables the cache). On CPU the probe measures the whole
+  is measured with a matmul probe at every call; the highest probe of the last week is kept by
+  device kind, CPU count and CPU model (`host_cpu.signature()`: a home directory shared by hosts
+  with other CPUs keeps one number per CPU) in `cache_path` (None disables the cache). On CPU the probe measures the whole
   host, which all local CPU devices share, so the per-device peak is the host
   rate divided by the number of local CPU devices; MFU then comes out the same
   whatever `jax_num_cpu_devices` is. A config's `mfu_peak_flops` should
@@ -236,10 +237,17 @@ def default_peak_flops(device: Any = None, *,
         cache = json.load(f)
     except (OSError, ValueError):
       cache = {}  # a corrupt cache only costs a re-measurement
-  rate = cache.get(key)
-  if not isinstance(rate, (int, float)) or rate <= 0:
-    rate = measure_matmul_flops(device)
-    cache[key] = rate
+  # The probe is cheap (well under a second), so every run measures again: one probe taken while
+  # the host was busy must not set the peak for good. The cache keeps the highest recent probe
+  # (a loaded host measures low, never high) and forgets it after PEAK_CACHE_MAX_AGE_S.
+  rate = measure_matmul_flops(device)
+  entry = cache.get(key)
+  now = time.time()
+  if (isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > rate
+      and now - float(entry.get("measured", 0)) < PEAK_CACHE_MAX_AGE_S):
+    rate = float(entry["flops"])
+  else:
+    cache[key] = {"flops": rate, "measured": now}
     if path:
       try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -225,12 +225,13 @@ def _fmt_value(v: Any) -> str:
 
 
 def format_line(step: int, total_steps: int, postfix: Mapping[str, Any]) -> str:
-  """One readable log line, e.g.
+  """One readable log line, most important first, e.g.
 
-  step 100/1000 loss 1.234 | 1234 img/s (617/device) | 12.3 ms/step | MFU 3.1% | ETA 0:01:23
+  step 100/1000 loss 1.234 | 1234 img/s (617/device) | 12.3 ms/step | MFU 3.1% | ETA 0:01:23 | lr 0.001 ...
 
-  Known keys (Throughput's plus "mfu" as a fraction) get units; any other key
-  is shown as "key value" after the loss.
+  Known keys (Throughput's plus "mfu" as a fraction) get units; any other key follows as
+  "key value", except counters (skipped_*) that are still zero: a terminal's bar has room
+  for the front of the line only.
   """
   p = dict(postfix)
   head = f"step {step}/{total_steps}"
@@ -238,8 +239,6 @@ def format_line(step: int, total_steps: int, postfix: Mapping[str, Any]) -> str:
     head += f" loss {float(p.pop('loss')):.4g}"
   known = ("images_per_s", "images_per_s_per_device", "step_time_s", "mfu", "eta_s")
   rest = {k: p.pop(k) for k in known if k in p}
-  for k, v in p.items():
-    head += f" {k} {_fmt_value(v)}"
   parts = [head]
   if "images_per_s" in rest:
     s = f"{float(rest['images_per_s']):.0f} img/s"
@@ -252,7 +251,23 @@ def format_line(step: int, total_steps: int, postfix: Mapping[str, Any]) -> str:
     parts.append(f"MFU {100 * float(rest['mfu']):.1f}%")
   if "eta_s" in rest:
     parts.append(f"ETA {format_eta(float(rest['eta_s']))}")
+  others = [f"{k} {_fmt_value(v)}" for k, v in p.items()
+            if not (k.startswith("skipped_") and _is_zero(v))]
+  if others:
+    parts.append(" ".join(others))
   return " | ".join(parts)
+
+
+def _is_zero(v: Any) -> bool:
+  try:
+    return float(v) == 0.0
+  except (TypeError, ValueError):
+    return False
+
+
+def format_eval_line(step: int, total_steps: int, results: Mapping[str, Any]) -> str:
+  """The line an evaluation prints when it finishes, e.g. `eval step 300/1200 val/prec@1 0.497`."""
+  return f"eval step {step}/{total_steps} " + " ".join(f"{k} {_fmt_value(v)}" for k, v in results.items())
 
 
 class Progress:
@@ -298,6 +313,16 @@ class Progress:
     if due and step != self._last_printed:
       print(format_line(step, self.total_steps, self._postfix), file=self.stream, flush=True)
       self._last_printed = step
+
+  def report_eval(self, step: int, results: Mapping[str, Any]) -> None:
+    """Prints an evaluation's results on their own line as soon as it finishes."""
+    if not self.enabled or not results:
+      return
+    line = format_eval_line(int(step), self.total_steps, results)
+    if self._bar is not None:
+      self._bar.write(line, file=self.stream)
+    else:
+      print(line, file=self.stream, flush=True)
 
   def close(self) -> None:
     if self._bar is not None:

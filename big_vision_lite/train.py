@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from big_vision_lite import checkpoint, config as config_lib, flops, metrics, optim, pretrained, sharding
+from big_vision_lite import checkpoint, config as config_lib, config_check, flops, metrics, optim
+from big_vision_lite import pretrained, schedules, sharding
 from big_vision_lite import (block_cache, distributed, evaluators, files, host_memory, models, tasks,
                              xla_options)
 from big_vision_lite.data import ops as pp_ops, pipeline, sources
@@ -131,7 +132,7 @@ def example_batch(input_config: ml_collections.ConfigDict) -> dict[str, np.ndarr
   config.input.bad_examples='error'); if the first 100 all fail, the pp spec is
   the likely culprit and the error names record 0's problem.
   """
-  source = sources.get_source(input_config.data)
+  source = sources.get_source(input_config.data, config_key="config.input.data")
   if len(source) == 0:
     raise ValueError(f"config.input.data: dataset {input_config.data.name!r} split "
                      f"{input_config.data.split!r} is empty")
@@ -152,9 +153,10 @@ def example_batch(input_config: ml_collections.ConfigDict) -> dict[str, np.ndarr
 
 
 def total_steps_of(config: ml_collections.ConfigDict) -> int:
+  """config.total_steps, or total_epochs over the training split's size, rounded up."""
   if config.total_steps > 0:
     return int(config.total_steps)
-  n = pipeline.num_examples(config.input.data)
+  n = sources.num_examples(config.input.data, config_key="config.input.data")
   return max(1, int(math.ceil(config.total_epochs * n / config.input.batch_size)))
 
 
@@ -332,7 +334,8 @@ def _restore_or_init(setup: Setup, config, ckpt: checkpoint.Checkpointer | None,
           print(f"warning: {e}; moved aside to {moved}, trying the previous checkpoint", file=sys.stderr,
                 flush=True)
         continue
-      log.info("Resuming from %s step %d", ckpt.directory, step)
+      if jax.process_index() == 0:
+        print(f"resumed from step {step} (checkpoint {ckpt.step_path(step)})", flush=True)
       return state, step
     unusable = sorted(p.name for p in ckpt.directory.iterdir() if ".unusable-" in p.name)
     if unusable:
@@ -408,9 +411,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
   `overwrite`: start afresh in a workdir holding another run (see check_workdir).
   """
   is_main = jax.process_index() == 0
+  # Model, shapes and step count first: a problem they show is reported before the workdir is written.
+  setup = build(config)
   if workdir:
     check_workdir(config, workdir, overwrite=overwrite)
-  setup = build(config)
+  elif is_main:
+    print("warning: no --workdir: nothing (checkpoints, metrics, config.json) is saved", file=sys.stderr,
+          flush=True)
   mesh, total_steps = setup.mesh, setup.total_steps
 
   train_iter = pipeline.make_train_iterator(
@@ -491,7 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
               results = ev.run(state["params"])
               writer.write(step, results)
               last.update(results)
-              progress.update(step, results)
+              progress.report_eval(step, results)
           if ckpt:
             ckpt.save(step, state, train_iter, force=step == total_steps)
             _inject_fault(step)
@@ -636,7 +643,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_lib.apply_overrides(config, overrides)
     maybe_initialize_distributed(args)  # before anything asks JAX about devices
     config_lib.validate(config, jax.device_count(), jax.process_count())
-  except (config_lib.ConfigError, sharding.MeshError) as e:
+    # Before any dataset is read or built, the workdir written or a step compiled.
+    config_check.check_components(config)
+    if config.total_steps > 0:
+      schedules.make_schedule(config, int(config.total_steps))
+  except (config_lib.ConfigError, sharding.MeshError, UnknownNameError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
@@ -644,8 +655,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Preempted as e:
     print(str(e), file=sys.stderr)
     return PREEMPTED_EXIT_CODE
-  except (config_lib.ConfigError, sharding.MeshError, checkpoint.CheckpointError, UnknownNameError,
-          BadInputError, OSError, FloatingPointError) as e:
+  except (config_lib.ConfigError, sharding.MeshError) as e:
+    # Found only once the data is read (an epoch count's step count, the first example's shapes).
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except (checkpoint.CheckpointError, UnknownNameError, BadInputError, OSError, FloatingPointError) as e:
     # Expected failure modes get one line; anything else keeps its traceback. (grain appends
     # a note about its traceback filtering to errors raised in the input pipeline.)
     print(f"error: {str(e).split(chr(10) + '----------')[0]}", file=sys.stderr)

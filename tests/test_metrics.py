@@ -120,9 +120,11 @@ def test_throughput_mfu():
 def test_format_line():
   line = metrics.format_line(100, 1000, {
       "loss": 1.23449, "images_per_s": 1234.4, "images_per_s_per_device": 617.2,
-      "step_time_s": 0.01234, "mfu": 0.0312, "eta_s": 83.4, "lr": 0.001})
-  assert line == ("step 100/1000 loss 1.234 lr 0.001 | 1234 img/s (617/device) | "
-                  "12.3 ms/step | MFU 3.1% | ETA 0:01:23")
+      "step_time_s": 0.01234, "mfu": 0.0312, "eta_s": 83.4, "lr": 0.001, "skipped_spikes": 0.0,
+      "skipped_nonfinite": 2.0})
+  # Most important first; counters that are still zero are left out.
+  assert line == ("step 100/1000 loss 1.234 | 1234 img/s (617/device) | "
+                  "12.3 ms/step | MFU 3.1% | ETA 0:01:23 | lr 0.001 skipped_nonfinite 2")
   assert metrics.format_line(5, 10, {}) == "step 5/10"
   assert metrics.format_line(5, 10, {"eta_s": 90061.0}).endswith("ETA 1 day, 1:01:01")
 
@@ -138,6 +140,19 @@ def test_progress_non_tty_prints_every_n_steps():
   # First update, then every 4 steps, and the last step; postfix persists.
   assert lines == ["step 1/10 loss 1", "step 5/10 loss 5", "step 9/10 loss 9",
                    "step 10/10 loss 9"]
+
+
+def test_eval_line_prints_when_the_eval_finishes_after_the_train_line_of_its_step():
+  # The train line of an eval step prints first; the eval's own line must not be dropped.
+  buf = io.StringIO()
+  p = metrics.Progress(total_steps=10, every=5, stream=buf)
+  p.update(5, {"loss": 1.0})
+  p.report_eval(5, {"val/prec@1": 0.5})
+  p.update(10, {"loss": 0.5})
+  p.report_eval(10, {"val/prec@1": 0.75})
+  p.close()
+  assert buf.getvalue().splitlines() == ["step 5/10 loss 1", "eval step 5/10 val/prec@1 0.5",
+                                         "step 10/10 loss 0.5", "eval step 10/10 val/prec@1 0.75"]
 
 
 def test_progress_disabled_and_tty(tmp_path):

@@ -64,11 +64,11 @@ def test_source_errors_name_what_is_missing(tmp_path):
   with pytest.raises(FileNotFoundError, match="nothing-here"):
     sources.get_source(_config(str(tmp_path / "nothing-here*.array_record")))
   cfg = ml_collections.ConfigDict({"name": "imagenet2012", "split": "train", "data_dir": str(tmp_path)})
-  with pytest.raises(ValueError, match=r"config\.input\.data_dir: dataset 'imagenet2012' not found in"):
+  with pytest.raises(ValueError, match=r"config\.input\.data\.data_dir: dataset 'imagenet2012' not found in"):
     sources.get_source(cfg)
   cfg.data_dir = None
-  with pytest.raises(ValueError, match=r"config\.evals\.val\.data_dir"):
-    sources.get_source(cfg, config_key="config.evals.val")
+  with pytest.raises(ValueError, match=r"config\.evals\.val\.data\.data_dir"):
+    sources.get_source(cfg, config_key="config.evals.val.data")
   # Nothing may have been downloaded or created.
   assert not list(tmp_path.iterdir())
 

@@ -56,8 +56,12 @@ def test_text_bad_inputs():
 
 
 def test_text_variant_and_scan():
-  m = models.get_model("text", variant="Ti", vocab_size=10, depth=2, scan=True)
-  assert (m.width, m.num_heads, m.depth) == (192, 3, 2)
+  m = models.get_model("text", variant="Ti", vocab_size=10, scan=True)
+  assert (m.width, m.num_heads, m.depth) == (192, 3, 12)
+  with pytest.raises(ValueError, match="'Ti' sets depth=12 but depth=2"):
+    models.get_model("text", variant="Ti", depth=2)
+  m = models.get_model("text", variant="mu", vocab_size=10, scan=True)
+  assert (m.width, m.num_heads, m.depth) == (32, 2, 1)
   params = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32))["params"]
   assert "Encoder_0/encoderblock/MlpBlock_0/Dense_0/kernel" in _names(params)
 

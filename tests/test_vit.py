@@ -204,10 +204,15 @@ def test_decode_variant():
 
 
 def test_factory_overrides_and_registry():
-  m = get_model("vit", variant="S/16", depth=2, num_classes=10)
+  m = get_model("vit", variant="S/16", depth=12, num_classes=10)  # agrees with the variant: fine
   assert isinstance(m, vit_lib.ViT)
-  assert (m.width, m.depth, m.mlp_dim, m.num_heads, m.patch_size) == (384, 2, 1536, 6, (16, 16))
-  assert get_model("vit", variant="B/32", patch_size=8).patch_size == (8, 8)
+  assert (m.width, m.depth, m.mlp_dim, m.num_heads, m.patch_size) == (384, 12, 1536, 6, (16, 16))
+  assert get_model("vit", variant="B", patch_size=8).patch_size == (8, 8)  # B sets no patch
+  # A size that contradicts the variant is refused, not silently preferred to it.
+  with pytest.raises(vit_lib.VariantClash, match="'S/16' sets depth=12 but depth=2"):
+    get_model("vit", variant="S/16", depth=2)
+  with pytest.raises(vit_lib.VariantClash, match="'B/32' sets patch_size"):
+    get_model("vit", variant="B/32", patch_size=8)
   assert "vit" in MODELS
   with pytest.raises(KeyError, match="unknown model 'vitt'"):
     get_model("vitt")

@@ -214,7 +214,7 @@ def make_train_iterator(
   """
   process_index, process_count = _processes(process_index, process_count)
   per_process = _per_process_batch(global_batch_size, process_count, f"{config_key}.batch_size")
-  source = sources.get_source(data_config, config_key=config_key)
+  source = sources.get_source(data_config, config_key=f"{config_key}.data")
   n = len(source)
   if n < process_count:
     raise ConfigError(f"{config_key}: {n} examples cannot be split over {process_count} processes")
@@ -325,7 +325,7 @@ def make_eval_iterator(
 ) -> EvalIterable:
   """Re-iterable eval input: each iter() is one pass in dataset order (see EvalIterable)."""
   process_index, process_count = _processes(process_index, process_count)
-  source = sources.get_source(data_config, config_key=config_key)
+  source = sources.get_source(data_config, config_key=f"{config_key}.data")
   return EvalIterable(
       source, _preprocess_fn(preprocess), global_batch_size=global_batch_size,
       process_index=process_index, process_count=process_count,

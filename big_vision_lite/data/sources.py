@@ -134,13 +134,24 @@ def _skip_image_decoding(features) -> dict | None:
   return skip or None
 
 
-def get_source(data_config: ml_collections.ConfigDict, *, config_key: str = "config.input"):
+# The keys each kind of source reads; any other key in a data config is a mistake.
+_COMMON_KEYS = ("name", "split")
+_KEYS = {"array_record": ("files",), "tar": ("files",), BUILTIN: ("data_dir",)}
+_TFDS_KEYS = ("data_dir",)
+
+
+def data_keys(name: str) -> tuple[str, ...]:
+  """The config keys a data source of kind `name` reads (a tfds name reads data_dir)."""
+  return _COMMON_KEYS + _KEYS.get(name.split("/")[0], _TFDS_KEYS)
+
+
+def get_source(data_config: ml_collections.ConfigDict, *, config_key: str = "config.input.data"):
   """A random-access source (`len`, `[i]` -> example dict) for `data_config`.
 
   `data_config.name`: "bvl_shapes[/tiny]" (built on demand into `data_dir` or
   the cache), "array_record" (`files`: glob or list), or a tfds dataset name
   read from `data_dir` (never downloaded). `split` takes tfds slicing.
-  `config_key` is where the config lives, used to name keys in errors.
+  `config_key` is where this data config lives (e.g. config.input.data), to name keys in errors.
   """
   name = data_config.get("name")
   if not name:
@@ -174,5 +185,6 @@ def get_source(data_config: ml_collections.ConfigDict, *, config_key: str = "con
   return _tfds_source(name, split, data_dir, config_key)
 
 
-def num_examples(data_config: ml_collections.ConfigDict, *, config_key: str = "config.input") -> int:
+def num_examples(data_config: ml_collections.ConfigDict, *, config_key: str = "config.input.data") -> int:
+  """The number of examples in the (sliced) split `data_config` names."""
   return len(get_source(data_config, config_key=config_key))

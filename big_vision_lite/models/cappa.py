@@ -22,7 +22,8 @@ from big_vision_lite.models import vit as vit_lib
 def vit_kwargs(image: Any) -> dict[str, Any]:
   """The image ViT's kwargs (variant decoded); no head: the encoder's tokens are the output."""
   kw = dict(image or {})
-  kw = {**vit_lib.decode_variant(kw.pop("variant", None)), **kw}
+  variant = kw.pop("variant", None)
+  kw = vit_lib.merge_variant(variant, kw)
   kw.setdefault("num_classes", 0)
   return kw
 
@@ -35,7 +36,9 @@ def decoder_kwargs(decoder: Any, image_width: int, vocab_size: int, max_len: int
     if name not in vit_lib.VARIANTS:
       raise ValueError(f"unknown decoder variant {name!r} (valid: {', '.join(vit_lib.VARIANTS)})")
     w, d, m, h = vit_lib.VARIANTS[name]
-    kw = {"width": w, "depth": d, "mlp_dim": m, "num_heads": h, **kw}
+    # The recipes give depth with the variant (a 6-layer decoder of B's width): only the widths clash.
+    kw = vit_lib.merge_variant(name, kw, {"width": w, "mlp_dim": m, "num_heads": h})
+    kw.setdefault("depth", d)
   kw.setdefault("width", image_width)
   kw.setdefault("depth", 6)
   kw.setdefault("num_heads", max(1, kw["width"] // 64))
@@ -50,6 +53,10 @@ class Captioner(nn.Module):
   decoder: Any = None   # decoder kwargs: width, depth, mlp_dim, num_heads, dropout, dtype_mm
   vocab_size: int = 32_000
   max_len: int = 64
+
+  def submodels(self) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """field -> (factory, kwargs) of the image encoder and the decoder, for config checks."""
+    return {"image": (vit_lib.vit, vit_kwargs(self.image)), "decoder": (dec_lib.Decoder, self._dec_kw())}
 
   def _dec_kw(self) -> dict[str, Any]:
     return decoder_kwargs(self.decoder, vit_kwargs(self.image).get("width", 768),

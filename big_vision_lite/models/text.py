@@ -13,7 +13,7 @@ import numpy as np
 
 from big_vision_lite.models import MODELS
 from big_vision_lite.models.common import Encoder, MAPHead, part
-from big_vision_lite.models.vit import VARIANTS
+from big_vision_lite.models.vit import VARIANTS, merge_variant
 
 POOL_TYPES = ("last", "first", "mean", "map")
 
@@ -37,10 +37,14 @@ class TextTransformer(nn.Module):
   dtype_mm: str = "float32"
   norm_eps: float = 1e-6
 
-  @nn.compact
-  def __call__(self, text: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
+  def validate(self) -> None:
+    """Raises ValueError for an option value this model does not know (checked before any data)."""
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"unknown text pool_type {self.pool_type!r} (valid: {', '.join(POOL_TYPES)})")
+
+  @nn.compact
+  def __call__(self, text: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
+    self.validate()
     if text.ndim != 2:
       raise ValueError(f"text model expects token ids shaped (B, L), got shape {text.shape}")
     out = {}
@@ -88,4 +92,4 @@ def text(variant: str | None = None, **kwargs) -> TextTransformer:
       raise ValueError(f"unknown text variant {variant!r} (valid: {', '.join(VARIANTS)})")
     width, depth, mlp_dim, num_heads = VARIANTS[name]
     cfg = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
-  return TextTransformer(**{**cfg, **kwargs})
+  return TextTransformer(**merge_variant(variant, kwargs, cfg))

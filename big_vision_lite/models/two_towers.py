@@ -36,6 +36,10 @@ class TwoTowers(nn.Module):
   temperature_init: float = 10.0
   bias_init: float | None = -10.0
 
+  def submodels(self) -> dict[str, tuple[str, dict[str, Any]]]:
+    """field -> (registered model name, kwargs) of each tower, for config checks."""
+    return {"image": (self.image_model, dict(self.image or {})), "text": (self.text_model, dict(self.text or {}))}
+
   @nn.compact
   def __call__(self, image: jax.Array | None, text: jax.Array | None = None, *,
                train: bool = False) -> tuple[jax.Array | None, jax.Array | None, dict]:

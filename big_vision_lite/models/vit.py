@@ -5,6 +5,7 @@ Parameter names follow big_vision exactly so its public checkpoints load as is.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -16,10 +17,11 @@ from big_vision_lite.models import MODELS
 from big_vision_lite.models.common import (
     Encoder, MAPHead, add_bias, part, posemb_sincos_2d)
 
-__all__ = ["ViT", "PatchEmbed", "vit", "decode_variant", "resample_posemb", "posemb_sincos_2d", "VARIANTS"]
+__all__ = ["ViT", "PatchEmbed", "vit", "decode_variant", "merge_variant", "resample_posemb", "posemb_sincos_2d", "VARIANTS"]
 
 # name -> (width, depth, mlp_dim, num_heads)
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "mu": (32, 1, 128, 2),  # big_vision's smallest, for tests and smoke runs
     "Ti": (192, 12, 768, 3),
     "S": (384, 12, 1536, 6),
     "M": (512, 12, 2048, 8),
@@ -86,6 +88,10 @@ class PatchEmbed(nn.Module):
     h, w = ih // ph, iw // pw
     if h == 0 or w == 0:
       raise ValueError(f"image {ih}x{iw} is smaller than the patch {ph}x{pw}")
+    if ih % ph or iw % pw:  # Traced once per shape: one line, not one per step.
+      logging.getLogger("big_vision_lite").warning(
+          "image %dx%d is not a multiple of the patch %dx%d: the last %d rows and %d columns are "
+          "dropped", ih, iw, ph, pw, ih % ph, iw % pw)
     kernel = self.param("kernel", part(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                         (ph, pw, c, self.width), jnp.float32)
     bias = self.param("bias", part(nn.initializers.zeros, ("embed",)), (self.width,), jnp.float32)
@@ -113,12 +119,16 @@ class ViT(nn.Module):
   dtype_mm: str = "float32"
   norm_eps: float = 1e-6
 
-  @nn.compact
-  def __call__(self, image: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
+  def validate(self) -> None:
+    """Raises ValueError for an option value this model does not know (checked before any data)."""
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"unknown {type(self).__name__} pool_type {self.pool_type!r} (valid: {', '.join(POOL_TYPES)})")
     if self.posemb not in POSEMB_TYPES:
       raise ValueError(f"unknown {type(self).__name__} posemb {self.posemb!r} (valid: {', '.join(POSEMB_TYPES)})")
+
+  @nn.compact
+  def __call__(self, image: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
+    self.validate()
     if image.ndim != 4:
       raise ValueError(f"{type(self).__name__} expects images shaped (B, H, W, C), got shape {image.shape}")
     out = {}
@@ -188,10 +198,29 @@ class ViT(nn.Module):
     return x, {"encoder": encoder_out}
 
 
+class VariantClash(ValueError):
+  """A model config gives a variant and an explicit size that disagrees with it."""
+
+
+def merge_variant(variant: str | None, kwargs: dict[str, Any], dims: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+  """`kwargs` with the sizes `variant` sets; a size given both ways with another value is refused.
+
+  `dims` are the variant's sizes where the caller decoded them itself (text, decoder).
+  """
+  dims = decode_variant(variant) if dims is None else dims
+  for key, value in dims.items():
+    given = kwargs.get(key)
+    if given is not None and tuple(np.atleast_1d(given)) != tuple(np.atleast_1d(value)):
+      raise VariantClash(f"{variant!r} sets {key}={value} but {key}={given} is also given; "
+                         "set the variant or the sizes, not both")
+  return {**dims, **kwargs}
+
+
 @MODELS.register("vit")
 def vit(variant: str | None = None, **kwargs) -> ViT:
-  """Builds a ViT from a variant like "B/16"; explicit kwargs override the variant."""
-  cfg = {**decode_variant(variant), **kwargs}
+  """Builds a ViT from a variant like "B/16" or from explicit sizes (not conflicting ones)."""
+  cfg = merge_variant(variant, kwargs)
   if "patch_size" in cfg:
     cfg["patch_size"] = _pair(cfg["patch_size"])
   return ViT(**cfg)

@@ -17,7 +17,7 @@ from big_vision_lite.models import MODELS
 from big_vision_lite.models.common import (
     ACT_EMBED, Encoder1DBlock, MultiHeadDotProductAttention, layer_norm, remat_policy)
 from big_vision_lite.models.moe import MoeMlpBlock
-from big_vision_lite.models.vit import ViT, _pair, decode_variant
+from big_vision_lite.models.vit import ViT, _pair, decode_variant, merge_variant
 
 __all__ = ["VMoE", "vmoe", "moe_block_indices", "MoeEncoder1DBlock"]
 
@@ -151,7 +151,7 @@ def vmoe(variant: str | None = None, *, moe_every: int = 0, moe_last: int = 0,
   MoE blocks: `moe_layers` (explicit), else `moe_last` (last n), else `moe_every`
   (every n-th; default 2 when none is given).
   """
-  cfg = {**decode_variant(variant), **kwargs}
+  cfg = merge_variant(variant, kwargs)
   moe = {k: cfg.pop(k) for k in MOE_FIELDS if k in cfg}
   if cfg.pop("scan", False):
     raise ValueError("vmoe does not support scan=True (its blocks are not all alike)")
@@ -163,3 +163,6 @@ def vmoe(variant: str | None = None, *, moe_every: int = 0, moe_last: int = 0,
   layers = moe_block_indices(depth, every=moe_every, last=moe_last, layers=moe_layers)
   # A tuple of items, not a dict: module fields should be hashable (remat, jit statics).
   return VMoE(moe_layers=layers, moe=tuple(sorted(moe.items())), **cfg)
+
+
+vmoe.extra_keys = MOE_FIELDS  # type: ignore[attr-defined]  # flat MoE kwargs, for config checks

@@ -6,6 +6,7 @@ contrastive, captioning, ...) is one file here that registers itself in TASKS.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -35,8 +36,11 @@ class Task:
     unknown = set(config.keys()) - allowed
     if unknown:
       name = config.get("name", type(self).__name__.lower())
-      raise ConfigError(f"config.task.{sorted(unknown)[0]}: unknown key for task {name!r} "
-                        f"(allowed: {sorted(allowed)})")
+      bad = sorted(unknown)[0]
+      close = difflib.get_close_matches(bad, sorted(allowed), n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"config.task.{bad}: unknown key for task {name!r}{hint} "
+                        f"(allowed: {', '.join(sorted(allowed))})")
 
   def init_inputs(self, batch: Batch) -> tuple[Any, ...]:
     """Positional model inputs used to initialise parameters."""

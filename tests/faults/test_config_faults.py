@@ -20,9 +20,18 @@ from big_vision_lite import config as config_lib, train
     ("--config.input.bad_examples=ignore", 2, "config.input.bad_examples: must be one of 'skip', 'error'"),
     ("--config.input.max_bad_fraction=2.0", 2, "config.input.max_bad_fraction: must be in [0, 1], got 2.0"),
     ("--config.nan_polcy=skip", 2, "unknown config key 'config.nan_polcy' (did you mean 'nan_policy'?)"),
-    ("--config.task.loss=softmax_xnt", 1, "config.task.loss: 'softmax_xnt' is not one of"),
-    ("--config.model.pool_type=gapp", 1, "config.model (vit): unknown ViT pool_type 'gapp'"),
-    ("--config.model_name=vitt", 1, "unknown model 'vitt'; did you mean 'vit'?"),
+    ("--config.task.loss=softmax_xnt", 2, "config.task.loss: 'softmax_xnt' is not one of"),
+    ("--config.model.pool_type=gapp", 2, "config.model (model 'vit'): unknown ViT pool_type 'gapp'"),
+    ("--config.model_name=vitt", 2, "config.model_name: unknown model 'vitt'; did you mean 'vit'?"),
+    # Keys of the components' own sections, checked against the code that reads them.
+    ("--config.model.poool_type=map", 2, "config.model.poool_type: unknown key for model 'vit' (did you mean 'pool_type'?)"),
+    ("--config.input.data.dat_dir=/x", 2, "config.input.data.dat_dir: unknown key for data source 'bvl_shapes' (did you mean 'data_dir'?)"),
+    ("--config.task.los=softmax_xent", 2, "config.task.los: unknown key for task 'classification' (did you mean 'loss'?)"),
+    ("--config.evals={'val': {'type': 'classification', 'log_step': 3}}", 2, "config.evals.val.log_step: unknown key for evaluator 'classification' (did you mean 'log_steps'?)"),
+    ("--config.model.variant=B/16", 2, "config.model.variant: 'B/16' sets width=768 but width=16 is also given"),
+    ("--config.input.pp=decode|resize(0)", 2, "config.input.pp: preprocessing op 'resize': size must be a positive int"),
+    ("--config.lr=inf", 2, "config.lr: must be finite, got inf"),
+    ("--config.schedule.warmup_steps=12", 2, "config.schedule: warmup (12) must be < total_steps (12)"),
 ])
 def test_bad_values_are_one_line_errors(arg, code, match, capsys):
   got = train.main(["--config", os.path.join(ROOT, TINY), *COMMON, arg])
@@ -43,7 +52,7 @@ def test_other_config_in_existing_workdir_is_refused(tmp_path, capsys):
   code = train.main(["--config", os.path.join(ROOT, TINY), "--workdir", str(tmp_path), *COMMON,
                      "--config.model.width=32", "--config.lr=0.01"])
   err = capsys.readouterr().err.strip()
-  assert code == 1 and len(err.splitlines()) == 1, err
+  assert code == 2 and len(err.splitlines()) == 1, err
   assert f"error: workdir {tmp_path} holds checkpoints of a run with another config (2 change(s): " in err
   assert "config.lr: 0.003 -> 0.01" in err and "config.model.width: 16 -> 32" in err
   assert "--overwrite" in err and "allow_config_change" in err
