@@ -105,8 +105,9 @@ def check_evaluators(config: ml_collections.ConfigDict) -> None:
       if k not in allowed:
         raise ConfigError(f"{key}.{k}: unknown key for evaluator {ev.type!r}{suggest(k, allowed)} "
                           f"(allowed: {', '.join(sorted(allowed))})")
-    if "data" in ev:
-      check_data(ev.data, f"{key}.data")
+    for k, v in ev.items():
+      if k == "data" or k.endswith("_data"):  # linear_probe's train_data, ...
+        check_data(v, f"{key}.{k}")
 
 
 def check_data(data: ml_collections.ConfigDict, key: str) -> None:
@@ -127,8 +128,20 @@ def check_pp(spec: str, key: str) -> None:
     raise ConfigError(f"{key}: {str(e).strip(chr(39))}") from None
 
 
+def check_no_stand_in_tokenizer(config: ml_collections.ConfigDict) -> None:
+  """The plan's stand-in tokenizer has no vocabulary: a run trained with it would learn nothing."""
+  from big_vision_lite.data.tokenizers import STAND_IN_PREFIX  # pylint: disable=import-outside-toplevel
+  places = {"config.task.tokenizer": str(config.task.get("tokenizer", "")), "config.input.pp": config.input.pp}
+  places.update({f"config.evals.{n}.pp": str(ev.get("pp", "")) for n, ev in config.evals.items()})
+  for key, text in places.items():
+    if STAND_IN_PREFIX in text:
+      raise ConfigError(f"{key}: the tokenizer {STAND_IN_PREFIX}... stands in for a vocabulary in `plan` "
+                        "only; give a real one (the recipe's spm=/path/to/spm.model)")
+
+
 def check_components(config: ml_collections.ConfigDict) -> Any:
   """Checks model, task, input data, preprocessing and evaluator sections; returns the model."""
+  check_no_stand_in_tokenizer(config)
   model = build_model(config.model_name, config.model.to_dict())
   check_task(config.task, model)
   check_data(config.input.data, "config.input.data")

@@ -182,7 +182,16 @@ def plan(config, topology: str, memory_gib: float | None = None) -> dict[str, An
       k: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim))
       for k, v in example.items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    compiled = step.lower(setup.abstract_state, abstract_batch).compile()
+    lowered = step.lower(setup.abstract_state, abstract_batch)
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA refuses to compile what cannot fit its chip
+      msg = str(e)
+      if "RESOURCE_EXHAUSTED" not in msg:
+        raise
+      reason = next((line.strip() for line in msg.splitlines() if "RESOURCE_EXHAUSTED" in line), msg[:300])
+      raise PlanError(f"does not fit on {topology} at batch {batch} ({reason.split('RESOURCE_EXHAUSTED: ')[-1]}); "
+                      "shard more (config.mesh fsdp), lower the batch or raise grad_accum_steps") from None
   compile_s = time.perf_counter() - t0
 
   mem = compiled.memory_analysis()
@@ -264,6 +273,25 @@ def format_plan(p: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def load_for_plan(spec: str):
+  """load_config(spec); a recipe that asks for its sentencepiece file gets a stand-in tokenizer of
+  the recipe's vocabulary size instead: the compiled step depends on that size only."""
+  from big_vision_lite import config as config_lib
+  from big_vision_lite.data.tokenizers import STAND_IN_PREFIX
+  try:
+    return config_lib.load_config(spec)
+  except config_lib.ConfigError as e:
+    if not str(e).startswith("config arg spm:"):
+      raise
+  path, _, arg = spec.partition(":")
+  vocab = re.search(r"(?:^|,)\s*vocab\s*=\s*(\d+)", arg)
+  # The recipes' default vocabulary (big_vision's c4_en sentencepiece model has 32,000 pieces).
+  size = vocab.group(1) if vocab else "32000"
+  print(f"note: no spm= given; planning with the {STAND_IN_PREFIX}{size} tokenizer (shapes only)",
+        file=sys.stderr, flush=True)
+  return config_lib.load_config(f"{path}:{arg + ',' if arg else ''}spm={STAND_IN_PREFIX}{size}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m big_vision_lite.plan", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass  # backend already up (e.g. in tests); topology_devices checks the count
     from absl import flags as absl_flags
     absl_flags.FLAGS.mark_as_parsed()
-    config = config_lib.load_config(args.config)
+    config = load_for_plan(args.config)
     config = config_lib.apply_overrides(config, overrides)
     result = plan(config, args.topology, args.memory_gib or None)
   except (PlanError, config_lib.ConfigError, sharding.MeshError) as e:

@@ -12,6 +12,7 @@
 """SigLIP recipe: ViT image tower (map pooling) + text transformer (last-token pooling), text length 64, t=log 10, b=-10."""
 
 from big_vision_lite.config import ConfigDict, ConfigError, parse_arg
+from big_vision_lite.models.vit import VARIANTS
 from big_vision_lite.recipes import image_text_input
 
 
@@ -38,7 +39,8 @@ def get_config(arg=None):
       # ends at its MAP head, the text tower pools the last token and projects to the image width.
       text=dict(variant=name, vocab_size=args.vocab, pool_type="last", scan=True,
                 remat_policy="nothing_saveable", dtype_mm="bfloat16"),
-      out_dim=(None, 768 if name == "B" else 1152), temperature_init=10.0,
+      # The text tower projects to the image tower's width (B: 768, So400m: 1152).
+      out_dim=(None, VARIANTS[name][0]), temperature_init=10.0,
       bias_init=-10.0 if args.loss == "sigmoid" else None)
   c.task = dict(name="contrastive", loss=args.loss, chunked=True)
 

@@ -18,7 +18,7 @@ from big_vision_lite.config import ConfigDict, parse_arg
 def get_config(arg=None):
   args = parse_arg(arg, variant="B/16", res=224, data_dir="", epochs=90.0, batch=4096, workers=32,
                    experts=8, k=2, every=2, last=0, cf=1.05, eval_cf=1.05, bpr=True,
-                   router="topk", group_size=0, ep=1)
+                   router="topk", group_size=0, ep=1, minival=51200)
   c = ConfigDict()
   c.seed = 0
   c.total_epochs = args.epochs
@@ -26,7 +26,7 @@ def get_config(arg=None):
   pp_common = ("|value_range(-1, 1)|onehot(21843, key='label', key_result='labels')"
                "|keep('image', 'labels')")
   c.input = ConfigDict()
-  c.input.data = dict(name="imagenet21k", split="full[51200:]", data_dir=args.data_dir or None)
+  c.input.data = dict(name="imagenet21k", split=f"full[{args.minival}:]", data_dir=args.data_dir or None)
   c.input.batch_size = args.batch
   c.input.num_workers = args.workers
   c.input.pp = f"decode|inception_crop({args.res})|flip_lr" + pp_common
@@ -52,7 +52,7 @@ def get_config(arg=None):
   pp_eval = f"decode|resize_small({args.res * 8 // 7})|central_crop({args.res})" + pp_common
   c.evals = dict(
       minival=dict(type="classification", pp=pp_eval, log_steps=5000,
-                   data=dict(name="imagenet21k", split="full[:51200]", data_dir=args.data_dir or None)),
+                   data=dict(name="imagenet21k", split=f"full[:{args.minival}]", data_dir=args.data_dir or None)),
   )
   c.log_training_steps = 50
   c.ckpt_steps = 1000

@@ -85,6 +85,26 @@ class SentencePieceTokenizer(Tokenizer):
     return self.sp.decode([i for i in ids if i != self.pad_id])
 
 
+# `plan` compiles a recipe without its sentencepiece file: the step's shapes need only the
+# vocabulary size. Training refuses this tokenizer (config_check).
+STAND_IN_PREFIX = "stand-in:"
+
+
+class StandInTokenizer(Tokenizer):
+  """`stand-in:V`: V ids, pad 0, eos 1, text bytes mapped to ids 2.. (shapes only, no vocabulary)."""
+
+  def __init__(self, vocab_size: int):
+    if vocab_size < 3:
+      raise ValueError(f"stand-in tokenizer: vocab size must be >= 3, got {vocab_size}")
+    self.vocab_size, self.pad_id, self.eos_id = vocab_size, 0, 1
+
+  def encode(self, text: str) -> list[int]:
+    return [2 + b % (self.vocab_size - 2) for b in text.encode("utf-8")]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return " ".join(str(int(i)) for i in ids)
+
+
 def shapes_vocab_words() -> list[str]:
   """The bvl_shapes vocabulary: specials, then every word of every caption part, sorted."""
   from big_vision_lite.data import shapes
@@ -104,9 +124,14 @@ def write_shapes_vocab(path: str = SHAPES_VOCAB) -> None:
 @functools.lru_cache(maxsize=16)
 def get_tokenizer(model: str) -> Tokenizer:
   """"bvl_shapes" (the shipped word vocabulary), a path to a `.model` sentencepiece file,
-  or a path to a word-per-line `.txt` vocabulary."""
+  a path to a word-per-line `.txt` vocabulary, or `stand-in:V` (plan only, see above)."""
   if model == "bvl_shapes":
     return WordTokenizer(SHAPES_VOCAB)
+  if model.startswith(STAND_IN_PREFIX):
+    size = model[len(STAND_IN_PREFIX):]
+    if not size.isdigit():
+      raise ValueError(f"tokenizer {model!r}: expected {STAND_IN_PREFIX}<vocab size>")
+    return StandInTokenizer(int(size))
   path = os.path.expanduser(model)
   if path.endswith(".txt"):
     return WordTokenizer(path)
