@@ -17,7 +17,7 @@ from big_vision_lite.config import ConfigDict, parse_arg
 def get_config(arg=None):
   args = parse_arg(arg, variant="B/16", res=224, data_dir="", epochs=90.0, batch=1024, workers=32,
                    experts=8, k=2, every=2, last=0, cf=1.05, eval_cf=1.05, bpr=True,
-                   router="topk", group_size=0, ep=1)
+                   router="topk", group_size=0, cap_multiple=4, ep=1)
   c = ConfigDict()
   c.seed = 0
   c.total_epochs = args.epochs
@@ -35,7 +35,9 @@ def get_config(arg=None):
                  posemb="sincos2d",
                  moe_every=args.every, moe_last=args.last, num_experts=args.experts,
                  num_selected_experts=args.k, router=args.router, capacity_factor=args.cf,
-                 eval_capacity_factor=args.eval_cf, bpr=args.bpr, importance_weight=0.005,
+                 eval_capacity_factor=args.eval_cf, bpr=args.bpr,
+                 capacity_multiple_of=args.cap_multiple or None,  # vmoe's default 4; 0: exact C
+                 importance_weight=0.005,
                  load_weight=0.005, group_size=args.group_size or None)
   c.task = dict(name="classification", loss="softmax_xent", mixup=0.2)
 
