@@ -145,16 +145,20 @@ def verify_timm(flat: Mapping[str, np.ndarray], spec: cv.VitSpec, out: str, modu
 
 
 def import_file(src: str, out: str, *, kind: str = "bigvision", scan: bool | None = None,
-                subtree: str = "", pool_type: str | None = None, verify: bool = True,
-                log=print) -> dict[str, Any]:
-  """A big_vision .npz (or a timm export folder) -> `out` .npz loadable as config.model_init."""
+                subtree: str = "", pool_type: str | None = None, image_size: int | None = None,
+                verify: bool = True, log=print) -> dict[str, Any]:
+  """A big_vision .npz (or a timm export folder) -> `out` .npz loadable as config.model_init.
+
+  `image_size` is needed for a sincos2d posemb, whose grid the params do not hold.
+  """
   prefix = subtree.rstrip("/") + "/" if subtree else ""
   if kind == "bigvision":
     flat = bigvision.read_checkpoint(src)
     if not prefix and bigvision.is_two_towers(flat):
-      return _import_two_towers(flat, src, out, scan=scan, pool_type=pool_type, verify=verify, log=log)
+      return _import_two_towers(flat, src, out, scan=scan, pool_type=pool_type, image_size=image_size,
+                                verify=verify, log=log)
     converted, spec, notes = bigvision.import_vit(flat, prefix=prefix, pool_type=pool_type, scan=scan,
-                                                  what=src)
+                                                  image_size=image_size, what=src)
     source = {k[len(prefix):]: v for k, v in bigvision.fix_legacy_names(
         tables.unscan({k[len(prefix):]: v for k, v in flat.items()}))[0].items()}
   elif kind == "timm":
@@ -188,8 +192,10 @@ def import_file(src: str, out: str, *, kind: str = "bigvision", scan: bool | Non
 
 
 def _import_two_towers(flat: Mapping[str, np.ndarray], src: str, out: str, *, scan: bool | None,
-                       pool_type: str | None, verify: bool, log=print) -> dict[str, Any]:
-  converted, spec, notes = bigvision.import_two_towers(flat, scan=scan, text_pool_type=pool_type, what=src)
+                       pool_type: str | None, verify: bool, image_size: int | None = None,
+                       log=print) -> dict[str, Any]:
+  converted, spec, notes = bigvision.import_two_towers(flat, scan=scan, text_pool_type=pool_type,
+                                                       image_size=image_size, what=src)
   for n in notes:
     log(f"renamed: {n}")
   bigvision.save_npz(converted, out)
@@ -199,7 +205,8 @@ def _import_two_towers(flat: Mapping[str, np.ndarray], src: str, out: str, *, sc
   result: dict[str, Any] = dict(out=out, spec=spec, model_kwargs=kw)
   if verify:
     # Our model with the imported params (target layout) vs the source arrays in an unrolled model.
-    source, _, _ = bigvision.import_two_towers(flat, scan=False, text_pool_type=pool_type, what=src)
+    source, _, _ = bigvision.import_two_towers(flat, scan=False, text_pool_type=pool_type,
+                                               image_size=image_size, what=src)
     images, texts = towers.fixed_inputs(spec)
     ours = towers.run_ours(converted, towers.build_ours(spec, scan=tables.is_scanned(converted)), images, texts)
     ref = towers.run_ours(source, towers.build_ours(spec), images, texts)
