@@ -7,6 +7,10 @@
 #   (fine-tuning-style capacity: ...:cf=1.5,eval_cf=1.5; upcycle a dense ViT:
 #    --config.model_init=<dense workdir or .npz> --config.model_load.upcycle=True)
 #
+#   python -m big_vision_lite.plan --config configs/vmoe_i1k.py --topology v5e:16x16
+#   -> mesh data=32 expert=8: each chip holds 1/8 of the experts; arguments (params + Adam
+#   state) 0.98 GiB per chip, 1.80 GiB in all of 16 GiB (ep=1 replicates: 3.19 GiB arguments).
+#
 # Expected: not measured (no ImageNet on this machine). Paper (V-MoE, Riquelme et al. 2021)
 # numbers are for JFT-300M pretraining + fine-tuning, not this from-scratch recipe.
 """V-MoE (MoE-ViT) on ImageNet-1k (tfds imagenet2012, prepared by the user under data_dir)."""
@@ -17,7 +21,7 @@ from big_vision_lite.config import ConfigDict, parse_arg
 def get_config(arg=None):
   args = parse_arg(arg, variant="B/16", res=224, data_dir="", epochs=90.0, batch=1024, workers=32,
                    experts=8, k=2, every=2, last=0, cf=1.05, eval_cf=1.05, bpr=True,
-                   router="topk", group_size=0, ep=1)
+                   router="topk", group_size=0, cap_multiple=4, ep=0)
   c = ConfigDict()
   c.seed = 0
   c.total_epochs = args.epochs
@@ -35,7 +39,9 @@ def get_config(arg=None):
                  posemb="sincos2d",
                  moe_every=args.every, moe_last=args.last, num_experts=args.experts,
                  num_selected_experts=args.k, router=args.router, capacity_factor=args.cf,
-                 eval_capacity_factor=args.eval_cf, bpr=args.bpr, importance_weight=0.005,
+                 eval_capacity_factor=args.eval_cf, bpr=args.bpr,
+                 capacity_multiple_of=args.cap_multiple or None,  # vmoe's default 4; 0: exact C
+                 importance_weight=0.005,
                  load_weight=0.005, group_size=args.group_size or None)
   c.task = dict(name="classification", loss="softmax_xent", mixup=0.2)
 
@@ -44,9 +50,11 @@ def get_config(arg=None):
   c.wd = 0.0001
   c.schedule = dict(warmup_steps=10_000, decay_type="cosine")
   c.grad_clip_norm = 1.0
-  # ep > 1 splits the experts over the `expert` mesh axis (tokens move by all-to-all);
-  # e.g. ep=8 on 8+ devices. The batch is split over data x expert either way.
-  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=args.ep)
+  # Expert parallel as vmoe: each expert lives on 1/ep of the chips (`expert` axis, tokens
+  # move by all-to-all), the dense rest is replicated over `data`; the batch is split over
+  # data x expert. ep=0: one expert per expert-axis slot (ep = experts, needs a device count
+  # divisible by it); ep=1 replicates everything (a single device, or fewer chips than experts).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=args.ep or args.experts)
 
   pp_eval = f"decode|resize_small({args.res * 8 // 7})|central_crop({args.res})" + pp_common
   c.evals = dict(

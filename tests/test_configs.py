@@ -26,7 +26,7 @@ def test_config_header_states_command_and_expected_result(path):
     ("vit_i1k.py:variant=Ti/16,res=128", 128, 1000),
     ("vit_shapes.py", 32, 8),
     ("vmoe_i1k.py", 224, 1000),
-    ("vmoe_i21k.py:ep=8", 224, 21843),
+    ("vmoe_i21k.py", 224, 21843),
 ])
 def test_recipe_builds(spec, res, classes, tmp_path):
   config = config_lib.load_config(os.path.join(ROOT, "configs", spec))

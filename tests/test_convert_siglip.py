@@ -132,3 +132,46 @@ def test_unsupported_and_unknown_keys_are_named(run):
   with pytest.raises(ConversionError, match="two-tower"):
     from big_vision_lite.convert import pipeline
     pipeline.export_towers(dict(model_name="vit"), flat, "unused", to="transformers")
+
+
+def test_processor_call_as_users_make_it_matches(run, tmp_path, capsys):
+  """model(**processor(text, images, padding="max_length")) on the export equals our logits."""
+  workdir, flat = run
+  out = str(tmp_path / "hf")
+  assert main(["--workdir", str(workdir), "--to", "transformers", "--out", out]) == 0
+  log = capsys.readouterr().out
+  assert "processor/logits" in log and "eos='yes'" in log  # verify used the processor; eos noted
+  import PIL.Image
+  import transformers
+  proc = transformers.SiglipProcessor.from_pretrained(out)
+  model = transformers.SiglipModel.from_pretrained(out).eval()
+  texts = ["a small red circle", "a grey triangle"]  # within L with their eos
+  pixels = np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  inputs = proc(text=texts, images=[PIL.Image.fromarray(p) for p in pixels], padding="max_length",
+                return_tensors="pt")
+  assert "attention_mask" not in inputs  # our text tower attends to padding, as big_vision's
+  import torch
+  with torch.no_grad():
+    theirs = model(**inputs).logits_per_image.numpy()
+  spec = towers.spec_from_params(flat, MODEL, image_size=16)
+  ids = np.stack([ops_text.tokenize_text(t, L, "bvl_shapes") for t in texts])
+  ours = towers.run_ours(flat, towers.build_ours(spec, MODEL), pixels.astype(np.float32) / 127.5 - 1, ids)
+  assert np.abs(ours["logits"]).max() > 1.0
+  np.testing.assert_allclose(theirs, ours["logits"], atol=1e-4, rtol=0)
+
+
+def test_timm_transform_reproduces_the_runs_resize_on_a_non_square_image(run, tmp_path):
+  """The run's pp squashes (resize(16)): timm's own eval transform must too, not resize + crop."""
+  import PIL.Image
+  import timm
+  from big_vision_lite.data import ops_image
+  workdir, _ = run
+  out = tmp_path / "t"
+  assert main(["--workdir", str(workdir), "--to", "timm", "--tower", "img", "--out", str(out)]) == 0
+  model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+  transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+  image = np.random.default_rng(4).integers(0, 256, (24, 40, 3), dtype=np.uint8)  # wide
+  theirs = transform(PIL.Image.fromarray(image)).numpy().transpose(1, 2, 0)
+  ours = ops_image.resize_array(image, (16, 16), PIL.Image.Resampling.BILINEAR).astype(np.float32) / 127.5 - 1
+  # Same PIL resize on both sides; only the float scaling differs (a few fp32 ulps of 1).
+  np.testing.assert_allclose(theirs, ours, rtol=0, atol=4 * np.finfo(np.float32).eps)

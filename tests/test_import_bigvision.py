@@ -85,3 +85,21 @@ def test_unknown_key_and_foreign_tree_fail_naming_the_key(tmp_path, source, caps
   # The img tower of a two-tower checkpoint alone imports fine under its prefix.
   out, spec, _ = bigvision.import_vit({f"img/{k}": v for k, v in flat.items()}, prefix="img/")
   assert spec.pool_type == "map" and all(k.startswith("img/") for k in out)
+
+
+def test_sincos2d_vit_imports_with_image_size(tmp_path):
+  """A sincos2d ViT has no grid in its params: --image_size supplies it; the import equals the .npz as model_init."""
+  model = vit_lib.vit(**KW, pool_type="gap", posemb="sincos2d")
+  flat = {k: np.asarray(v) for k, v in flatten_with_names(init(model, 0)).items()}
+  flat["head/kernel"] = np.random.default_rng(1).normal(size=flat["head/kernel"].shape).astype(np.float32)
+  src = tmp_path / "bv.npz"
+  np.savez(src, **{f"params/{k}": v for k, v in flat.items()})
+  out = tmp_path / "init.npz"
+  assert main(["--from", "bigvision", "--in", str(src), "--out", str(out), "--image_size", "16"]) == 0
+  imported, report = pretrained.load_pretrained(init(model, 7), str(out))
+  assert not report.missing and not report.unexpected and not report.mismatched
+  direct, _ = pretrained.load_pretrained(init(model, 7), str(src))  # the .npz as model_init
+  ref = apply(model, tables.nest(flat))
+  # Same arrays in the same model: equal up to fp32 rounding of the same ops.
+  np.testing.assert_allclose(apply(model, imported), apply(model, direct), rtol=1e-6, atol=0)
+  np.testing.assert_allclose(apply(model, imported), ref, rtol=1e-6, atol=0)

@@ -92,3 +92,20 @@ def test_tensorstore_vit_and_errors(tmp_path, source):
     bigvision.read_checkpoint(str(tmp_path / "nothing"))
   spec2 = towers.spec_from_params(flat)
   assert spec2.txt.max_len == L and spec2.txt.pool_type == "last" and spec2.has_bias
+
+
+def test_sincos2d_image_tower_imports_with_image_size(tmp_path):
+  """SigLIP with a sincos2d image tower: --image_size gives the grid; the import equals the .npz as model_init."""
+  kw = {**KW, "image": {**KW["image"], "posemb": "sincos2d"}}
+  model = two_towers.two_towers(**kw)
+  flat = {k: np.asarray(v) for k, v in flatten_with_names(init(model, 0)).items()}
+  flat["t"], flat["b"] = np.array([np.log(10.0)], np.float32), np.array([-10.0], np.float32)
+  src = tmp_path / "bv.npz"
+  np.savez(src, **{f"params/{k}": v for k, v in flat.items()})
+  out = tmp_path / "init.npz"
+  assert main(["--from", "bigvision", "--in", str(src), "--out", str(out), "--image_size", "16"]) == 0
+  imported, report = pretrained.load_pretrained(init(model, 7), str(out))
+  assert not report.missing and not report.unexpected and not report.mismatched
+  direct, _ = pretrained.load_pretrained(init(model, 7), str(src))  # the .npz as model_init
+  np.testing.assert_allclose(apply(model, imported), apply(model, direct), rtol=1e-6, atol=0)
+  np.testing.assert_allclose(apply(model, imported), apply(model, tables.nest(flat)), rtol=1e-6, atol=0)

@@ -74,3 +74,16 @@ def test_tpu_plan_on_a_small_topology(capsys, tmp_path):
   assert p["xla_flops_per_device"] >= p["model_flops_per_step"] / 4
   assert p["memory_bound_s"] == pytest.approx(p["hbm_bytes_per_device"] / 819e9)
   assert p["step_time_lower_bound_s"] == max(p["compute_bound_s"], p["memory_bound_s"])
+
+
+@pytest.mark.slow  # compiles V-MoE B/16 for 256 chips: about 2 minutes
+def test_vmoe_recipe_shards_its_experts_on_a_pod(tmp_path, capsys):
+  pytest.importorskip("libtpu")
+  path = str(tmp_path / "plan.json")
+  cfg = os.path.join(ROOT, "configs/vmoe_i1k.py")
+  assert plan.main(["--config", cfg, "--topology", "v5e:16x16", "--json", path]) == 0
+  p = json.load(open(path))
+  assert p["mesh"]["expert"] == 8 and p["mesh"]["data"] == 32
+  # Replicated, params + 2 Adam moments in f32 would be 12 bytes per parameter on every chip.
+  replicated = 12 * p["params"]
+  assert p["argument_bytes"] < 0.4 * replicated, (p["argument_bytes"], replicated)

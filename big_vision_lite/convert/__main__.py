@@ -5,6 +5,7 @@
   python -m big_vision_lite.convert --workdir runs/siglip --to transformers --out out/siglip_hf
   python -m big_vision_lite.convert --workdir runs/siglip --to open_clip --out out/siglip_oc
   python -m big_vision_lite.convert --from bigvision --in vit.npz --out init.npz [--scan]
+      [--image_size 224]  (needed for posemb sincos2d: the params hold no grid)
   python -m big_vision_lite.convert --from bigvision --in ckpt/checkpoint.bv --out init.npz  (tensorstore)
 """
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
       if not (a.from_ and a.src):
         p.error("give --workdir ... --to TARGET, or --from KIND --in PATH")
       pipeline.import_file(a.src, a.out, kind=a.from_, scan=a.scan, subtree=a.subtree or "",
-                           pool_type=a.pool_type, verify=a.verify)
+                           pool_type=a.pool_type, image_size=a.image_size, verify=a.verify)
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

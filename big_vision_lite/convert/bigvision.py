@@ -85,10 +85,12 @@ def vit_table(spec: VitSpec) -> Table:
 
 
 def import_vit(flat: Mapping[str, np.ndarray], *, prefix: str = "", pool_type: str | None = None,
-               scan: bool | None = None, what: str = "big_vision import") -> tuple[dict[str, np.ndarray], VitSpec, list[str]]:
+               scan: bool | None = None, image_size: int | None = None,
+               what: str = "big_vision import") -> tuple[dict[str, np.ndarray], VitSpec, list[str]]:
   """big_vision ViT params (a tree root, or the `prefix` subtree) -> (our flat fp32 params, spec, notes).
 
   `scan` None keeps the source layout; True/False gives scanned/unrolled layers.
+  `image_size` is required for sincos2d posembs (no grid in the params).
   Every key must belong to the ViT: anything else raises ConversionError.
   """
   src_scanned = tables.is_scanned(flat)
@@ -97,7 +99,7 @@ def import_vit(flat: Mapping[str, np.ndarray], *, prefix: str = "", pool_type: s
   if rest:
     raise ConversionError(f"{what}: keys outside the ViT {prefix or 'root'!r}: {tables._fmt(rest)}")
   sub, notes = fix_legacy_names(tables.unscan(sub))
-  spec = spec_from_params(sub, pool_type=pool_type, what=what)
+  spec = spec_from_params(sub, pool_type=pool_type, image_size=image_size, what=what)
   shapes = vit_shapes(spec)
   out = tables.apply(vit_table(spec), sub, "to_ours", what=what, expect=shapes)
   if scan if scan is not None else src_scanned:
@@ -141,7 +143,7 @@ def towers_shapes(spec) -> dict[str, tuple[int, ...]]:
 
 def import_two_towers(flat: Mapping[str, np.ndarray], *, scan: bool | None = None,
                       image_pool_type: str | None = None, text_pool_type: str | None = None,
-                      what: str = "big_vision import") -> tuple[dict[str, np.ndarray], Any, list[str]]:
+                      image_size: int | None = None, what: str = "big_vision import") -> tuple[dict[str, np.ndarray], Any, list[str]]:
   """big_vision SigLIP/LiT two-tower params (img/, txt/, t, b) -> (our flat fp32 params, TowersSpec, notes).
 
   The text tower keeps big_vision's text_transformer names (ours are the same);
@@ -154,7 +156,7 @@ def import_two_towers(flat: Mapping[str, np.ndarray], *, scan: bool | None = Non
   unrolled = {**{f"img/{k}": v for k, v in img.items()}, **{f"txt/{k}": v for k, v in txt.items()}, **rest}
   spec = towers.spec_from_params(unrolled, dict(image=dict(pool_type=image_pool_type) if image_pool_type else {},
                                                 text=dict(pool_type=text_pool_type) if text_pool_type else {}),
-                                 what=what)
+                                 image_size=image_size, what=what)
   shapes = towers_shapes(spec)
   out = tables.apply([tables.same(k, k) for k in shapes], unrolled, "to_ours", what=what, expect=shapes)
   if scan if scan is not None else src_scanned:

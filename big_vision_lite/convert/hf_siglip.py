@@ -151,6 +151,23 @@ def tokenizer_from_config(config: Mapping[str, Any]) -> tuple[str, int] | None:
   return None
 
 
+def tokenize_eos_from_config(config: Mapping[str, Any]) -> str:
+  """The `eos=` of the run's text tokenize op (the op's default 'yes' when not given)."""
+  pps = [(config.get("input") or {}).get("pp") or ""]
+  pps += [e.get(k) or "" for e in (config.get("evals") or {}).values() if isinstance(e, dict)
+          for k in ("pp", "pp_txt")]
+  for pp in pps:
+    if (m := re.search(r"tokenize\([^)]*\beos\s*=\s*['\"](\w+)['\"]", pp)):
+      return m.group(1)
+    if "tokenize(" in pp:
+      return "yes"
+  return "yes"
+
+
+# Verify captions: words of the bvl_shapes vocabulary, short enough for any text length >= 6.
+VERIFY_TEXTS = ("a small red circle", "a blue square", "a green triangle")
+
+
 def write_tokenizer(out: str, model: str, max_len: int) -> tuple[dict[str, int], list[str]]:
   """Writes HF tokenizer files for our tokenizer `model`; returns (special ids, notes for the user).
 
@@ -173,9 +190,13 @@ def write_tokenizer(out: str, model: str, max_len: int) -> tuple[dict[str, int],
     t.normalizer = normalizers.Lowercase()
     t.pre_tokenizer = pre_tokenizers.Split(Regex("[^a-z0-9]+"), behavior="removed")
     t.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", tok.eos_id)])
+    # No attention_mask: our text tower attends to padding (as big_vision's), and
+    # SiglipTextModel would mask it; transformers' own SigLIP conversion does the same.
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=t, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", model_max_length=max_len)
+        tokenizer_object=t, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", model_max_length=max_len,
+        model_input_names=["input_ids"])
     fast.save_pretrained(out)
+    hf_tok = fast
     notes.append(f"tokenizer: word-level (tokenizer.json), call with padding='max_length', max_length={max_len}; "
                  "texts longer than max_len keep their <eos> (our eos='sticky')")
   else:
@@ -183,14 +204,15 @@ def write_tokenizer(out: str, model: str, max_len: int) -> tuple[dict[str, int],
     st = transformers.SiglipTokenizer(
         vocab_file=os.path.join(out, "spiece.model"), model_max_length=max_len,
         eos_token=tok.sp.id_to_piece(tok.eos_id), pad_token=tok.sp.id_to_piece(tok.pad_id),
-        unk_token=tok.sp.id_to_piece(tok.sp.unk_id()))
+        unk_token=tok.sp.id_to_piece(tok.sp.unk_id()), model_input_names=["input_ids"])
     st.save_pretrained(out)
+    hf_tok = st
     notes.append("tokenizer: spiece.model for SiglipTokenizer (lower-cases and strips punctuation by default, "
                  f"our tokenize op does not); call with padding='max_length', max_length={max_len}")
-  return dict(pad=tok.pad_id, eos=tok.eos_id), notes
+  return dict(pad=tok.pad_id, eos=tok.eos_id), notes, hf_tok
 
 
-def write_image_processor(out: str, size: tuple[int, int]) -> None:
+def write_image_processor(out: str, size: tuple[int, int]):
   """SiglipImageProcessor settings of our `resize(S)|value_range(-1, 1)`."""
   from big_vision_lite.convert import torch_env
   torch_env.setup()
@@ -199,32 +221,52 @@ def write_image_processor(out: str, size: tuple[int, int]) -> None:
       do_resize=True, size=dict(height=size[0], width=size[1]), resample=2,  # PIL bilinear
       do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
   proc.save_pretrained(out)
+  return proc
 
 
 # ----------------------------------------------------------------------------
 
 def export(flat: Mapping[str, np.ndarray], spec: towers.TowersSpec, out: str,
-           tokenizer: tuple[str, int] | None = None) -> tuple[dict[str, Any], list[str]]:
+           tokenizer: tuple[str, int] | None = None, eos: str = "yes") -> tuple[dict[str, Any], list[str]]:
   """Writes a `SiglipModel.from_pretrained(out)` folder; returns (HF config dict, notes)."""
   import torch
   check_supported(spec)
   os.makedirs(out, exist_ok=True)
   notes: list[str] = []
-  tok_ids = None
+  tok_ids, hf_tok = None, None
   if tokenizer is not None:
     if tokenizer[1] != spec.txt.max_len:
       raise ConversionError(f"tokenize max_len {tokenizer[1]} != text pos_embedding length {spec.txt.max_len}")
-    tok_ids, n = write_tokenizer(out, *tokenizer)
+    tok_ids, n, hf_tok = write_tokenizer(out, *tokenizer)
     notes += n
+    if eos != "sticky":
+      notes.append(f"captions over {tokenizer[1] - 1} tokens: the run's tokenize(eos={eos!r}) cut them "
+                   "without an end token; the exported tokenizer ends them in its eos token (shorter "
+                   "captions tokenize the same)")
   else:
     notes.append("tokenizer: none found in the run config (no tokenize(...) op): no tokenizer files written")
+  import transformers
   model = create_model(spec, tok_ids)
   expect = {k: tuple(v.shape) for k, v in model.state_dict().items()}
   sd = to_state_dict(flat, spec, expect=expect)
   model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
   model.save_pretrained(out)
-  write_image_processor(out, spec.img.image_size)
+  proc = write_image_processor(out, spec.img.image_size)
+  if hf_tok is not None:  # what users load: SiglipProcessor.from_pretrained(out)
+    transformers.SiglipProcessor(image_processor=proc, tokenizer=hf_tok).save_pretrained(out)
   return model.config.to_dict(), notes
+
+
+def run_processor(model, out: str, texts: list[str], images_uint8: np.ndarray) -> dict[str, np.ndarray]:
+  """The call every transformers user makes: model(**processor(..., padding="max_length"))."""
+  import torch
+  import transformers
+  proc = transformers.SiglipProcessor.from_pretrained(out)
+  inputs = proc(text=texts, images=list(images_uint8), padding="max_length", return_tensors="pt")
+  with torch.no_grad():
+    o = model(**inputs)
+  return dict(zimg=o.image_embeds.float().numpy(), ztxt=o.text_embeds.float().numpy(),
+              logits=o.logits_per_image.float().numpy())
 
 
 def load(out: str):

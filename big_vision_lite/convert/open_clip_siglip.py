@@ -124,7 +124,7 @@ def export(flat: Mapping[str, np.ndarray], spec: towers.TowersSpec, out: str,
     from big_vision_lite.convert import hf_siglip
     if tokenizer[1] != spec.txt.max_len:
       raise ConversionError(f"tokenize max_len {tokenizer[1]} != text pos_embedding length {spec.txt.max_len}")
-    ids, n = hf_siglip.write_tokenizer(out, *tokenizer)
+    ids, n, _ = hf_siglip.write_tokenizer(out, *tokenizer)
     tok = dict(ids, hf_tokenizer_name=out)
     notes += n
   cfg = model_cfg(spec, timm_dir, tok)

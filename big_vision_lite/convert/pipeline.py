@@ -44,6 +44,19 @@ def image_size_from_pp(config: Mapping[str, Any]) -> int | None:
   return None
 
 
+def eval_crop_from_pp(config: Mapping[str, Any]) -> tuple[str, float]:
+  """timm (crop_mode, crop_pct) of the run's eval resize: `resize(S)` squashes, `resize_small|central_crop` crops."""
+  pps = [e.get("pp") or "" for e in (config.get("evals") or {}).values() if isinstance(e, dict)]
+  for pp in pps + [config.get("input", {}).get("pp") or ""]:
+    small = re.search(r"resize_small\((\d+)", pp)
+    crop = re.search(r"central_crop\((\d+)", pp)
+    if small and crop:
+      return "center", int(crop.group(1)) / int(small.group(1))
+    if re.search(r"(?:^|\|)resize\(", pp):
+      return "squash", 1.0
+  return "squash", 1.0
+
+
 def vit_subtree(config: Mapping[str, Any], flat: Mapping[str, np.ndarray],
                 subtree: str | None) -> tuple[str, dict[str, Any], Any]:
   """(key prefix of the ViT, its model kwargs from the config, our full module or None).
@@ -87,7 +100,7 @@ def export_run(workdir: str, out: str, *, to: str = "timm", step: int | None = N
                              image_size=image_size or (None if "pos_embedding" in tables.unscan(sub)
                                                        else image_size_from_pp(config)),
                              what=f"{workdir}{'/' + prefix if prefix else ''}")
-  cfg = timm_vit.export(sub, spec, out)
+  cfg = timm_vit.export(sub, spec, out, *eval_crop_from_pp(config))
   log(f"wrote {out}/model.safetensors and config.json (timm {cfg['architecture']} with "
       f"{json.dumps(cfg['model_args'])})")
   result: dict[str, Any] = dict(out=out, spec=spec, hub_config=cfg)
@@ -113,7 +126,9 @@ def export_towers(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], out
                                  image_size=image_size or (None if learned else image_size_from_pp(config)))
   tok = hf_siglip.tokenizer_from_config(config)
   lib = hf_siglip if to == "transformers" else open_clip_siglip
-  _, notes = lib.export(flat, spec, out, tokenizer=tok)
+  eos = hf_siglip.tokenize_eos_from_config(config)
+  _, notes = (lib.export(flat, spec, out, tokenizer=tok, eos=eos) if to == "transformers"
+              else lib.export(flat, spec, out, tokenizer=tok))
   load = ('transformers.SiglipModel.from_pretrained(OUT)' if to == "transformers"
           else 'open_clip.create_model_and_transforms("local-dir:OUT")')
   log(f"wrote {out} ({to}; load with {load}): image {spec.img.image_size} patch {spec.img.patch} "
@@ -124,7 +139,10 @@ def export_towers(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], out
   if verify:
     images, texts = towers.fixed_inputs(spec)
     ours = towers.run_ours(flat, towers.build_ours(spec, model_cfg), images, texts)
-    diffs = towers.max_diff(ours, lib.run_torch(lib.load(out), images, texts), to)
+    theirs = lib.load(out)
+    diffs = towers.max_diff(ours, lib.run_torch(theirs, images, texts), to)
+    if to == "transformers" and tok is not None:
+      diffs.update(_verify_processor(flat, spec, model_cfg, theirs, out, tok, eos))
     result["diffs"] = diffs
     result["max_abs_diff"] = diff = max(diffs.values())
     log(f"verify: max |ours - {to}| = {diff:.3g} (limit {atol:g}; "
@@ -145,16 +163,20 @@ def verify_timm(flat: Mapping[str, np.ndarray], spec: cv.VitSpec, out: str, modu
 
 
 def import_file(src: str, out: str, *, kind: str = "bigvision", scan: bool | None = None,
-                subtree: str = "", pool_type: str | None = None, verify: bool = True,
-                log=print) -> dict[str, Any]:
-  """A big_vision .npz (or a timm export folder) -> `out` .npz loadable as config.model_init."""
+                subtree: str = "", pool_type: str | None = None, image_size: int | None = None,
+                verify: bool = True, log=print) -> dict[str, Any]:
+  """A big_vision .npz (or a timm export folder) -> `out` .npz loadable as config.model_init.
+
+  `image_size` is needed for a sincos2d posemb, whose grid the params do not hold.
+  """
   prefix = subtree.rstrip("/") + "/" if subtree else ""
   if kind == "bigvision":
     flat = bigvision.read_checkpoint(src)
     if not prefix and bigvision.is_two_towers(flat):
-      return _import_two_towers(flat, src, out, scan=scan, pool_type=pool_type, verify=verify, log=log)
+      return _import_two_towers(flat, src, out, scan=scan, pool_type=pool_type, image_size=image_size,
+                                verify=verify, log=log)
     converted, spec, notes = bigvision.import_vit(flat, prefix=prefix, pool_type=pool_type, scan=scan,
-                                                  what=src)
+                                                  image_size=image_size, what=src)
     source = {k[len(prefix):]: v for k, v in bigvision.fix_legacy_names(
         tables.unscan({k[len(prefix):]: v for k, v in flat.items()}))[0].items()}
   elif kind == "timm":
@@ -187,9 +209,24 @@ def import_file(src: str, out: str, *, kind: str = "bigvision", scan: bool | Non
   return result
 
 
+def _verify_processor(flat, spec, model_cfg, model, out: str, tok: tuple[str, int], eos: str) -> dict[str, float]:
+  """The exported SiglipProcessor + model, called as users do, vs ours on the same captions and images."""
+  from big_vision_lite.convert import hf_siglip
+  from big_vision_lite.data import ops_text
+  h, w = spec.img.image_size
+  # Images at the model size (the processor's resize is then the identity) in uint8, as users pass.
+  pixels = np.random.default_rng(0).integers(0, 256, (len(hf_siglip.VERIFY_TEXTS), h, w, 3), dtype=np.uint8)
+  ids = np.stack([ops_text.tokenize_text(t, tok[1], tok[0], eos=eos) for t in hf_siglip.VERIFY_TEXTS])
+  ours = towers.run_ours(flat, towers.build_ours(spec, model_cfg), pixels.astype(np.float32) / 127.5 - 1, ids)
+  theirs = hf_siglip.run_processor(model, out, list(hf_siglip.VERIFY_TEXTS), pixels)
+  return {f"processor/{k}": v for k, v in towers.max_diff(ours, theirs, "transformers processor").items()}
+
+
 def _import_two_towers(flat: Mapping[str, np.ndarray], src: str, out: str, *, scan: bool | None,
-                       pool_type: str | None, verify: bool, log=print) -> dict[str, Any]:
-  converted, spec, notes = bigvision.import_two_towers(flat, scan=scan, text_pool_type=pool_type, what=src)
+                       pool_type: str | None, verify: bool, image_size: int | None = None,
+                       log=print) -> dict[str, Any]:
+  converted, spec, notes = bigvision.import_two_towers(flat, scan=scan, text_pool_type=pool_type,
+                                                       image_size=image_size, what=src)
   for n in notes:
     log(f"renamed: {n}")
   bigvision.save_npz(converted, out)
@@ -199,7 +236,8 @@ def _import_two_towers(flat: Mapping[str, np.ndarray], src: str, out: str, *, sc
   result: dict[str, Any] = dict(out=out, spec=spec, model_kwargs=kw)
   if verify:
     # Our model with the imported params (target layout) vs the source arrays in an unrolled model.
-    source, _, _ = bigvision.import_two_towers(flat, scan=False, text_pool_type=pool_type, what=src)
+    source, _, _ = bigvision.import_two_towers(flat, scan=False, text_pool_type=pool_type,
+                                               image_size=image_size, what=src)
     images, texts = towers.fixed_inputs(spec)
     ours = towers.run_ours(converted, towers.build_ours(spec, scan=tables.is_scanned(converted)), images, texts)
     ref = towers.run_ours(source, towers.build_ours(spec), images, texts)

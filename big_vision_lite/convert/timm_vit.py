@@ -92,15 +92,15 @@ def table(spec: VitSpec) -> Table:
   return t
 
 
-def hub_config(spec: VitSpec) -> dict[str, Any]:
-  """timm's hub config.json (what `local-dir:` reads)."""
+def hub_config(spec: VitSpec, crop_mode: str = "squash", crop_pct: float = 1.0) -> dict[str, Any]:
+  """timm's hub config.json (what `local-dir:` reads); crop_mode/pct as the run's eval resize."""
   args = model_args(spec)
   return dict(
       architecture=ARCHITECTURE, num_classes=spec.num_classes, num_features=spec.width,
       global_pool=args["global_pool"], model_args=args,
       pretrained_cfg=dict(
           input_size=[spec.in_chans, *spec.image_size], fixed_input_size=True,
-          interpolation="bilinear", crop_pct=1.0, crop_mode="center", mean=list(MEAN), std=list(STD),
+          interpolation="bilinear", crop_pct=crop_pct, crop_mode=crop_mode, mean=list(MEAN), std=list(STD),
           num_classes=spec.num_classes, first_conv="patch_embed.proj", classifier="head"))
 
 
@@ -126,7 +126,8 @@ def from_state_dict(sd: Mapping[str, Any], spec: VitSpec, *, scan: bool = False,
   return tables.scan(flat) if scan else flat
 
 
-def export(flat: Mapping[str, np.ndarray], spec: VitSpec, out_dir: str) -> dict[str, Any]:
+def export(flat: Mapping[str, np.ndarray], spec: VitSpec, out_dir: str, crop_mode: str = "squash",
+           crop_pct: float = 1.0) -> dict[str, Any]:
   """Writes <out_dir>/model.safetensors and config.json; returns the hub config."""
   import torch
   from safetensors.torch import save_file
@@ -135,7 +136,7 @@ def export(flat: Mapping[str, np.ndarray], spec: VitSpec, out_dir: str) -> dict[
   sd = to_state_dict(flat, spec, expect=expect)
   os.makedirs(out_dir, exist_ok=True)
   save_file({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, os.path.join(out_dir, "model.safetensors"))
-  cfg = hub_config(spec)
+  cfg = hub_config(spec, crop_mode, crop_pct)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2)
   return cfg

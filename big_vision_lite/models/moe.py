@@ -34,9 +34,13 @@ ROUTERS = ("topk", "experts_choice", "soft")
 
 
 def importance_loss(gates: Array) -> Array:
-  """CV(sum of gates per expert)^2 over all tokens; gates (..., E)."""
-  imp = jnp.sum(gates.reshape(-1, gates.shape[-1]), axis=0)
-  return (jnp.std(imp) / jnp.mean(imp)) ** 2
+  """CV(sum of gates per expert)^2 of each group, averaged over groups; gates (G, S, E).
+
+  Per group as V-MoE: over the whole batch the per-group imbalances partly cancel,
+  which weakens the balancing gradient (4x with one image per group).
+  """
+  imp = jnp.sum(gates, axis=-2)  # (G, E)
+  return jnp.mean((jnp.std(imp, axis=-1) / jnp.mean(imp, axis=-1)) ** 2)
 
 
 def load_loss(logits: Array, noisy_logits: Array, noise_std: float, k: int) -> Array:
@@ -100,10 +104,17 @@ def combine_by_index(y: Array, slot_token: Array, slot_weight: Array, num_tokens
   return out[:, :num_tokens]
 
 
-def capacity(k: int, group_size: int, capacity_factor: float, num_experts: int) -> int:
-  """C = ceil(k * S * capacity_factor / E), at least 1 and at most S (no expert sees a token twice)."""
-  c = math.ceil(k * group_size * capacity_factor / num_experts)
-  return max(1, min(c, group_size))
+def capacity(k: int, group_size: int, capacity_factor: float, num_experts: int,
+             multiple_of: int | None = None) -> int:
+  """C = ceil(k * S * capacity_factor / E) rounded up to `multiple_of`, in [1, S].
+
+  vmoe rounds up to a multiple of 4 by default; slots past S could never be
+  filled (no expert sees a token twice), so the cap at S changes no output.
+  """
+  c = max(1, math.ceil(k * group_size * capacity_factor / num_experts))
+  if multiple_of and multiple_of > 0:
+    c += -c % multiple_of
+  return min(c, group_size)
 
 
 def top_k_positions(gates: Array, k: int, cap: int, bpr: bool) -> tuple[Array, Array, Array]:
@@ -143,15 +154,22 @@ def _usage_metrics(dispatch: Array, gates: Array, assignments: int) -> dict[str,
   }
 
 
-def route_top_k(logits: Array, noisy_logits: Array, *, k: int, capacity_factor: float,
+def route_top_k(logits: Array, noisy_logits: Array | None, *, k: int, capacity_factor: float,
                 bpr: bool, noise_std: float, normalize_gates: bool = False,
-                importance_weight: float = 0.005, load_weight: float = 0.005) -> Routing:
-  """V-MoE top-k routing; gates = softmax(noisy logits) also weight the combine."""
+                importance_weight: float = 0.005, load_weight: float = 0.005,
+                capacity_multiple_of: int | None = None) -> Routing:
+  """V-MoE top-k routing: noisy gates route and weight the combine; None: deterministic.
+
+  As vmoe's NoisyTopExpertsPerItemRouter: importance on the clean gates, load on
+  the noisy logits, and no load term in the aux loss without noise (eval).
+  """
   g, s, e = logits.shape
   if not 1 <= k <= e:
     raise ValueError(f"num_selected_experts k={k} must be in [1, num_experts={e}]")
-  gates = jax.nn.softmax(noisy_logits.astype(jnp.float32), axis=-1)
-  cap = capacity(k, s, capacity_factor, e)
+  clean = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  noisy = noisy_logits is not None and noise_std > 0
+  gates = jax.nn.softmax(noisy_logits.astype(jnp.float32), axis=-1) if noisy else clean
+  cap = capacity(k, s, capacity_factor, e, capacity_multiple_of)
   idx, keep, pos = per_group(lambda gt: top_k_positions(gt, k, cap, bpr),
                              jax.lax.stop_gradient(gates))
   w = jnp.sum(gates[..., None, :] * jax.nn.one_hot(idx, e), axis=-1)  # (G, S, k) chosen gates
@@ -163,22 +181,24 @@ def route_top_k(logits: Array, noisy_logits: Array, *, k: int, capacity_factor: 
   combine = jnp.sum(slot * w[..., None, None], axis=2)
   # Scatters over G partition badly (XLA all-gathers their indices): keep them per device.
   slot_token, slot_weight = per_group(lambda *a: slots_from_choices(*a, cap, e), idx, pos, keep, w)
-  imp = importance_loss(gates)
-  if noise_std > 0:
+  imp = importance_loss(clean)
+  aux = importance_weight * imp
+  if noisy:
     load = load_loss(logits.astype(jnp.float32), noisy_logits.astype(jnp.float32), noise_std, k)
-  else:  # no noise: the hard top-k counts (no gradient, still a useful metric)
+    aux = aux + load_weight * load
+  else:  # no noise: the hard top-k counts, a metric only (vmoe has no load loss here)
     hard = jnp.mean(jnp.sum(jax.nn.one_hot(idx, e), axis=2), axis=1)  # (G, E)
     load = jnp.mean((jnp.std(hard, axis=-1) / jnp.mean(hard, axis=-1)) ** 2)
   metrics = {"importance_loss": imp, "load_loss": load, **_usage_metrics(dispatch, gates, k)}
-  return Routing(dispatch, combine, importance_weight * imp + load_weight * load, metrics,
-                 slot_token, slot_weight)
+  return Routing(dispatch, combine, aux, metrics, slot_token, slot_weight)
 
 
-def route_experts_choice(logits: Array, *, capacity_factor: float) -> Routing:
+def route_experts_choice(logits: Array, *, capacity_factor: float,
+                         capacity_multiple_of: int | None = None) -> Routing:
   """Experts choose: each expert takes its C = ceil(S*cf/E) highest-gate tokens; no aux loss."""
   g, s, e = logits.shape
   gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  cap = capacity(1, s, capacity_factor, e)
+  cap = capacity(1, s, capacity_factor, e, capacity_multiple_of)
   tok = per_group(lambda gt: jax.lax.top_k(jnp.swapaxes(gt, 1, 2), cap)[1],
                   jax.lax.stop_gradient(gates))  # (G, E, C) token indices
   dispatch = jnp.moveaxis(jax.nn.one_hot(tok, s), -1, 1)  # (G, S, E, C)
@@ -347,6 +367,7 @@ class MoeMlpBlock(nn.Module):
   router: str = "topk"
   capacity_factor: float = 1.05
   eval_capacity_factor: float | None = None  # None: same as capacity_factor
+  capacity_multiple_of: int | None = None  # round C up to a multiple (vmoe: 4); None: no rounding
   group_size: int | None = None  # max tokens per group; None: one example per group
   num_groups: int | None = None
   bpr: bool = True
@@ -381,14 +402,16 @@ class MoeMlpBlock(nn.Module):
                           xg.astype(jnp.float32))
     if self.router == "topk":
       std = (1.0 / e) if self.noise_std is None else float(self.noise_std)
-      noisy = logits
+      noisy = None  # deterministic: clean gates, no load loss
       if train and std > 0:
         noisy = logits + std * jax.random.normal(self.make_rng("dropout"), logits.shape)
       r = route_top_k(logits, noisy, k=self.num_selected_experts, capacity_factor=cf, bpr=self.bpr,
                       noise_std=std, normalize_gates=self.normalize_gates,
-                      importance_weight=self.importance_weight, load_weight=self.load_weight)
+                      importance_weight=self.importance_weight, load_weight=self.load_weight,
+                      capacity_multiple_of=self.capacity_multiple_of)
     elif self.router == "experts_choice":
-      r = route_experts_choice(logits, capacity_factor=cf)
+      r = route_experts_choice(logits, capacity_factor=cf,
+                               capacity_multiple_of=self.capacity_multiple_of)
     else:
       r = route_soft(logits, slots=self.soft_slots)
 

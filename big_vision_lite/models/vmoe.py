@@ -23,7 +23,7 @@ __all__ = ["VMoE", "vmoe", "moe_block_indices", "MoeEncoder1DBlock"]
 
 # MoeMlpBlock fields a config may set on the model (flat, e.g. config.model.num_experts).
 MOE_FIELDS = ("num_experts", "num_selected_experts", "router", "capacity_factor",
-              "eval_capacity_factor", "group_size", "num_groups", "bpr", "noise_std",
+              "eval_capacity_factor", "capacity_multiple_of", "group_size", "num_groups", "bpr", "noise_std",
               "normalize_gates", "importance_weight", "load_weight", "soft_slots")
 
 
