@@ -154,7 +154,7 @@ def example_batch(input_config: ml_collections.ConfigDict) -> dict[str, np.ndarr
 def total_steps_of(config: ml_collections.ConfigDict) -> int:
   if config.total_steps > 0:
     return int(config.total_steps)
-  n = pipeline.num_examples(config.input.data)
+  n = sources.num_examples(config.input.data)
   return max(1, int(math.ceil(config.total_epochs * n / config.input.batch_size)))
 
 
