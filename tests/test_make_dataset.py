@@ -78,9 +78,11 @@ def test_unreadable_image_is_one_line_naming_it(tmp_path, capsys):
   assert len(info["skipped"]) == 1
 
 
-@pytest.mark.parametrize("make_input", ["missing_folder", "missing_csv", "no_class_folders"])
+@pytest.mark.parametrize("make_input", ["missing_folder", "missing_csv", "no_class_folders", "csv_without_rows"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make_input):
-  path = tmp_path / ("list.csv" if make_input == "missing_csv" else "images")
+  path = tmp_path / ("list.csv" if "csv" in make_input else "images")
+  if make_input == "csv_without_rows":
+    path.write_text("image,caption\n")
   if make_input == "no_class_folders":
     path.mkdir()
     (path / "a.png").write_bytes(png(0))
@@ -146,3 +148,32 @@ def test_tar_shards_keep_their_captions(tmp_path):
   assert info["input_kind"] == "tar" and info["splits"]["validation"]["num_examples"] == 1
   recs = records(tmp_path / "ds", "train") + records(tmp_path / "ds", "validation")
   assert sorted(r["caption"] for r in recs) == [f"caption {i}" for i in range(5)]
+
+
+def test_console_script_points_at_main():
+  import importlib
+  import tomllib
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    target = tomllib.load(f)["project"]["scripts"]["bvl-make-dataset"]
+  module, _, name = target.partition(":")
+  assert getattr(importlib.import_module(module), name) is make_dataset.main
+
+
+@pytest.mark.slow
+def test_real_digits_train_to_95_percent_held_out(tmp_path):
+  """README "Your own data": scikit-learn's 8x8 digits as PNG folders -> the tool -> the trainer CLI."""
+  import subprocess
+  import sys
+  digits = pytest.importorskip("sklearn.datasets").load_digits()
+  for i, (img, y) in enumerate(zip(digits.images, digits.target)):
+    os.makedirs(tmp_path / "digits" / str(y), exist_ok=True)
+    Image.fromarray((img * 255 / 16).astype(np.uint8)).save(tmp_path / "digits" / str(y) / f"{i:04d}.png")
+  assert make_dataset.main([str(tmp_path / "digits"), str(tmp_path / "ds")]) == 0
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, "-m", "big_vision_lite.train", "--config",
+                      f"configs/own_folder.py:data={tmp_path / 'ds'}", "--workdir", str(tmp_path / "run"),
+                      "--config.progress=False"], env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(r.stdout.strip().splitlines()[-1])
+  assert result["val/examples"] == 179 and result["val/prec@1"] >= 0.95, result

@@ -136,8 +136,8 @@ def list_table(path: str, kind: str, image_key: str = "image", caption_key: str 
       continue
     kept.append((number, os.path.join(root, os.path.expanduser(image.strip())), caption, row.get(label_key)))
   if not kept:
-    raise InputError(f"input file {path!r}: no usable rows (need a {image_key!r} column"
-                     f"{'/key' if kind == 'jsonl' else ''})" + (f"; first problem: {problems[0]}" if problems else ""))
+    raise InputError(f"input file {path!r}: no usable rows (each needs an image path in {image_key!r})"
+                     + (f"; first problem: {problems[0]}" if problems else ""))
   labels, names = _labels([k[3] for k in kept], path)
   entries = [Entry(f"{image} ({path}:{number})", _file_reader(image), label=label,
                    caption=caption.strip() if caption else None)
