@@ -27,9 +27,9 @@ TINY_SHAPES = "res=32,width=16,depth=1,heads=2,patch=8,batch=16,steps=3,workers=
 RUNS = {
     # 198 train examples (train[:99%] of 200) x 0.25 epochs / batch 16 -> 4 steps.
     "vit_i1k": ("variant=mu/8,res=32,batch=16,workers=0,epochs=0.25,data_dir={data}", [], 4),
-    "vmoe_i1k": ("variant=mu/8,res=32,batch=16,workers=0,epochs=0.25,experts=4,last=1,data_dir={data}", [], 4),
+    "vmoe_i1k": ("variant=mu/8,res=32,batch=16,workers=0,epochs=0.25,experts=2,last=1,data_dir={data}", [], 4),
     # full[8:] of 72 -> 64 examples x 0.75 epochs / 16 -> 3 steps.
-    "vmoe_i21k": ("variant=mu/8,res=32,batch=16,workers=0,epochs=0.75,experts=4,last=1,minival=8,"
+    "vmoe_i21k": ("variant=mu/8,res=32,batch=16,workers=0,epochs=0.75,experts=2,last=1,minival=8,"
                   "data_dir={data}", [], 3),
     # 2 shards x 24 pairs, one epoch at batch 16 -> 3 steps.
     "siglip_b16": ("variant=mu/8,res=32,batch=16,epochs=1.0,files={tars},spm={spm},vocab=40,text_len=16",

@@ -6,22 +6,28 @@ bytes (PNG/JPEG), so the `decode` op decodes them uniformly whatever the source.
 Plain ArrayRecord format (`name="array_record"`): one record per example, the
 record being a `flax.serialization.msgpack_serialize`d dict with string keys
 and values that are numpy arrays, bytes, str, int or float; `image` holds the
-encoded image bytes. `write_array_record` writes such files.
+encoded image bytes. `write_array_record` writes such files; bvl-make-dataset
+(big_vision_lite.tools.make_dataset) writes shuffled ones with a dataset_info.json.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import types
 from typing import Any, Iterable, Sequence
 
 import ml_collections
+import numpy as np
 from flax import serialization
 
 from big_vision_lite.config import ConfigError
+from big_vision_lite.data import dataset_info
 
 BUILTIN = "bvl_shapes"
+_log = logging.getLogger("big_vision_lite")
+_warned: set[tuple] = set()  # (files, split) already warned about, so each is said once
 
 
 class ArrayRecordSource:
@@ -164,16 +170,18 @@ def get_source(data_config: ml_collections.ConfigDict, *, config_key: str = "con
     if files is None:
       raise ConfigError(f"{config_key}.files must be set when {config_key}.name is 'tar'")
     paths = _expand_files(files, config_key)
-    n = len(TarSource(paths))
-    start, stop = _slice_bounds(split, n, config_key)
+    whole = TarSource(paths)
+    start, stop = _slice_bounds(split, len(whole), config_key)
+    _warn_if_unshuffled(whole, paths, split, start, stop, config_key)
     return TarSource(paths, start, stop)
   if name == "array_record":
     files = data_config.get("files", None)
     if files is None:
       raise ConfigError(f"{config_key}.files must be set when {config_key}.name is 'array_record'")
     paths = _expand_files(files, config_key)
-    n = len(ArrayRecordSource(paths))
-    start, stop = _slice_bounds(split, n, config_key)
+    whole = ArrayRecordSource(paths)
+    start, stop = _slice_bounds(split, len(whole), config_key)
+    _warn_if_unshuffled(whole, paths, split, start, stop, config_key)
     return ArrayRecordSource(paths, start, stop)
   if not split:
     raise ConfigError(f"{config_key}.split is not set (e.g. 'train' or 'train[:90%]')")
@@ -185,6 +193,60 @@ def get_source(data_config: ml_collections.ConfigDict, *, config_key: str = "con
   return _tfds_source(name, split, data_dir, config_key)
 
 
+def _labels_look_sorted(source, samples: int = 32) -> bool:
+  """True if the `label`s of evenly spaced records never decrease and take several values."""
+  n = len(source)
+  labels = []
+  for i in sorted({i * (n - 1) // max(1, samples - 1) for i in range(samples)} if n else set()):
+    label = source[i].get("label")
+    if label is None or np.ndim(label) != 0:
+      return False
+    labels.append(int(label))
+  return len(set(labels)) > 1 and all(a <= b for a, b in zip(labels, labels[1:]))
+
+
+def _warn_if_unshuffled(whole, paths: list[str], split: str | None, start: int, stop: int,
+                        config_key: str) -> None:
+  """One warning line when a contiguous slice is taken of records not known to be shuffled."""
+  n = len(whole)
+  if (start, stop) == (0, n) or (tuple(paths), split) in _warned:
+    return
+  found = dataset_info.for_files(paths)
+  if found is None or found[0].get("shuffled") is not True:
+    why = f"not known to be shuffled (no {dataset_info.INFO_FILE} saying so)"
+  elif _labels_look_sorted(whole):
+    why = "sorted by label"
+  else:
+    return
+  _warned.add((tuple(paths), split))
+  _log.warning("%s.split %r takes records %d:%d of %d in file order, which are %s: the held-out part "
+               "may hold only the last classes (shuffle the data with bvl-make-dataset)",
+               config_key, split, start, stop, n, why)
+
+
+def info_for(data_config: ml_collections.ConfigDict) -> tuple[dict, str] | None:
+  """(summary, split) of an array_record data config whose files are one split of a dataset_info.json."""
+  if data_config.get("name") != "array_record" or data_config.get("files") is None:
+    return None
+  try:
+    paths = _expand_files(data_config.get("files"), "config.input.data")
+  except (ConfigError, FileNotFoundError):
+    return None
+  return dataset_info.for_files(paths)
+
+
+def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+  """The class names the data's dataset_info.json lists, if any."""
+  found = info_for(data_config)
+  names = found[0].get("class_names") if found else None
+  return tuple(names) if names else None
+
+
 def num_examples(data_config: ml_collections.ConfigDict, *, config_key: str = "config.input.data") -> int:
-  """The number of examples in the (sliced) split `data_config` names."""
+  """Examples in the (sliced) split; from dataset_info.json without reading records when there is one."""
+  found = info_for(data_config)
+  if found is not None:
+    n = int(found[0]["splits"][found[1]]["num_examples"])
+    start, stop = _slice_bounds(data_config.get("split", None), n, config_key)
+    return stop - start
   return len(get_source(data_config, config_key=config_key))

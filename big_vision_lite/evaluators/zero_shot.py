@@ -18,7 +18,8 @@ def _builtin_class_names(data_config) -> tuple[str, ...] | None:
   if str(data_config.get("name", "")).split("/")[0] == "bvl_shapes":
     from big_vision_lite.data import shapes
     return shapes.CLASS_NAMES
-  return None
+  from big_vision_lite.data import sources
+  return sources.class_names(data_config)  # from a dataset_info.json next to array_record shards
 
 
 
@@ -32,7 +33,7 @@ def prompt_settings(name: str, config) -> tuple[tuple[str, ...], tuple[str, ...]
       raise ConfigError(f"config.evals.{name}.{key}: missing")
   names = config.get("class_names", None) or _builtin_class_names(config.data)
   if not names:
-    raise ConfigError(f"config.evals.{name}.class_names: missing (only bvl_shapes has defaults)")
+    raise ConfigError(f"config.evals.{name}.class_names: missing (defaults only for bvl_shapes and array_record data with a dataset_info.json)")
   templates = tuple(config.get("templates", None) or DEFAULT_TEMPLATES)
   bad = [t for t in templates if "{}" not in t]
   if bad:
