@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -83,3 +84,14 @@ def train_sentencepiece(path: str, vocab_size: int = 40, seed: int = 0) -> str:
   with open(path, "wb") as f:
     f.write(model.getvalue())
   return path
+
+
+def write_class_folder(directory: str, classes: Sequence[str], per_class: int, seed: int = 0) -> str:
+  """An image folder with one sub-folder of PNG files per class (what users bring)."""
+  rng = np.random.default_rng(seed)
+  for c in classes:
+    os.makedirs(os.path.join(directory, c), exist_ok=True)
+    for i in range(per_class):
+      Image.fromarray(rng.integers(0, 255, (20 + i % 5, 24, 3), dtype=np.uint8)).save(
+          os.path.join(directory, c, f"{i:03d}.png"))
+  return directory

@@ -38,6 +38,9 @@ RUNS = {
                   ["--config.input.num_workers=0"], 3),
     "openvision2_l14": ("variant=mu/8,res=32,batch=16,steps=3,files={tars},spm={spm},vocab=40,text_len=16,"
                         "dec_depth=1", ["--config.input.num_workers=0"], 3),
+    # A class folder through bvl-make-dataset: 3 x 18 train images, one epoch at batch 16 -> 4 steps.
+    "own_folder": ("data={own},res=16,patch=4,epochs=1.0,batch=16,width=16,depth=1,heads=2,warmup=1,"
+                   "workers=0", [], 4),
     "vit_shapes": (TINY_SHAPES, [], 3),
     "vmoe_shapes": (TINY_SHAPES + ",experts=2", [], 3),
     "siglip_shapes": (TINY_SHAPES, [], 3),
@@ -58,7 +61,11 @@ def standin(tmp_path_factory):
   standin_data.write_tfds(data, "imagenet21k", {"full": 72}, 21843)
   tars = standin_data.write_tar_shards(str(base / "tars"), num_shards=2, per_shard=24)
   spm = standin_data.train_sentencepiece(str(base / "spm.model"))
-  return {"data": data, "tars": tars, "spm": spm, "cache": str(base / "xla_cache")}
+  folder = standin_data.write_class_folder(str(base / "images"), ("cat", "dog", "fox"), per_class=20)
+  own = str(base / "own")
+  subprocess.run([sys.executable, "-m", "big_vision_lite.tools.make_dataset", folder, own], check=True,
+                 cwd=ROOT, capture_output=True)
+  return {"data": data, "tars": tars, "spm": spm, "own": own, "cache": str(base / "xla_cache")}
 
 
 def _env(cache: str) -> dict:
