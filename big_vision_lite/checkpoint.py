@@ -8,6 +8,8 @@ Layout of a workdir (what orbax 0.12.8 writes; `Checkpointer` reads nothing else
     _CHECKPOINT_METADATA             JSON: item handlers, init/commit timestamps
     state/_METADATA ...              the train state (StandardSave, OCDBT/zarr)
     data/process_<i>-of-<n>.json     the grain iterator state (optional)
+    digest/metadata                  JSON: each array's digest and each process's iterator
+                                     state digest (digest.py), checked after a restore
   <dir>/<step>.orbax-checkpoint-tmp-<ts>/   a save in flight (renamed when done)
 
 The training loop is expected to:
@@ -34,10 +36,14 @@ from absl import logging
 from etils import epath
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from big_vision_lite import digest
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+DIGEST_ITEM = "digest"
 COMMIT_FILE = "commit_success.txt"
 INCOMPLETE_SUFFIX = ".incomplete-"
 
@@ -186,7 +192,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         ),
-        item_names=(STATE_ITEM, DATA_ITEM),
+        item_names=(STATE_ITEM, DATA_ITEM, DIGEST_ITEM),
     )
 
   def _set_aside_incomplete(self) -> None:
@@ -238,10 +244,15 @@ class Checkpointer:
     if step in self._manager.all_steps():
       logging.info("Checkpoint for step %d already exists in %s; not saving again.", step, self.directory)
       return False
-    args = {STATE_ITEM: ocp.args.StandardSave(state)}
-    if data_iter is not None:
-      args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
     try:
+      if not force and not self._manager.should_save(step):
+        return False  # before the digests, which cost a pass over the state
+      record = {"arrays": digest.array_digests(flatten_with_names(state))}
+      args = {STATE_ITEM: ocp.args.StandardSave(state)}
+      if data_iter is not None:
+        args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
+        record["data"] = _data_digests(data_iter)
+      args[DIGEST_ITEM] = ocp.args.JsonSave(record)
       # Also re-raises the error of a previous async save that failed in the background.
       return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=force))
     except Exception as e:  # noqa: BLE001 - disk full, permissions, tensorstore errors.
@@ -293,11 +304,31 @@ class Checkpointer:
       if not (step_dir / DATA_ITEM).is_dir():
         raise CheckpointError(f"checkpoint {step_dir} has no data iterator state ({DATA_ITEM}/ is missing)")
       args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
+    record = self._read_digests(step_dir)
+    if record is not None and data_iter is not None:
+      _check_data_digest(step_dir, record)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types.
       raise CheckpointError(f"cannot restore checkpoint {step_dir}: {short_error(e)}") from e
+    if record is not None:
+      _check_array_digests(step_dir, record, restored[STATE_ITEM])
     return restored[STATE_ITEM]
+
+  def _read_digests(self, step_dir: epath.Path) -> dict[str, Any] | None:
+    """The step's digest record; None (with a warning) for a step saved before there were digests."""
+    path = step_dir / DIGEST_ITEM / "metadata"
+    try:
+      if not (step_dir / DIGEST_ITEM).is_dir():
+        logging.warning("Checkpoint %s has no digests (saved by an older version): not verified.", step_dir)
+        return None
+      record = json.loads(path.read_text())
+      if not isinstance(record.get("arrays"), dict):
+        raise ValueError("no 'arrays' entry")
+      return record
+    except (OSError, ValueError, AttributeError) as e:
+      raise CheckpointError(f"checkpoint {step_dir}: unreadable digests {path}: "
+                            f"{type(e).__name__}: {e}") from e
 
   # -- preemption and lifetime ----------------------------------------------
 
@@ -328,6 +359,52 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# ----------------------------------------------------------------------------
+# Digests (digest.py): written with every step, checked by every restore.
+
+def _data_digests(data_iter: Any) -> list[str]:
+  """Every process's iterator state digest, in process order (one all-gather where there are several)."""
+  state = data_iter.get_state()
+  mine = digest.data_state_digest(state if isinstance(state, (bytes, str)) else json.dumps(state))
+  if jax.process_count() == 1:
+    return [mine]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  raw = np.frombuffer(bytes.fromhex(mine), np.uint8)
+  return [bytes(row).hex() for row in np.asarray(multihost_utils.process_allgather(raw))]
+
+
+def _check_data_digest(step_dir: epath.Path, record: dict[str, Any]) -> None:
+  """Raises CheckpointError unless this process's iterator file matches its digest."""
+  expected = record.get("data")
+  path = epath.Path(step_dir) / DATA_ITEM / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if not isinstance(expected, list) or len(expected) != jax.process_count():
+    raise CheckpointError(f"checkpoint {step_dir}: no digest for the data iterator state {path}")
+  try:
+    got = digest.data_state_digest(path.read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"checkpoint {step_dir}: unreadable data iterator state {path}: "
+                          f"{type(e).__name__}: {e}") from e
+  if got != expected[jax.process_index()]:
+    raise CheckpointError(f"checkpoint {step_dir}: data iterator state {path} does not match its "
+                          f"digest (corrupt)")
+
+
+def _check_array_digests(step_dir: epath.Path, record: dict[str, Any], state: Any) -> None:
+  """Raises CheckpointError naming the arrays whose restored values do not match their digest.
+
+  An array restored into another dtype than it was saved with cannot be compared; it is skipped.
+  """
+  named = flatten_with_names(state)
+  saved_dtypes = {k: str(v.dtype) for k, v in read_state_metadata(epath.Path(step_dir) / STATE_ITEM).items()}
+  comparable = {k: v for k, v in named.items() if saved_dtypes.get(k) == str(v.dtype)}
+  expected = record["arrays"]
+  got = digest.array_digests(comparable)
+  bad = sorted(k for k in comparable if expected.get(k) != got[k])
+  if bad:
+    raise CheckpointError(f"checkpoint {step_dir}: {len(bad)} array(s) do not match their digest "
+                          f"(corrupt data): {bad[:3]}{' ...' if len(bad) > 3 else ''}")
 
 
 # ----------------------------------------------------------------------------
