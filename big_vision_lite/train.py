@@ -47,7 +47,7 @@ import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, flops, metrics, optim, pretrained, sharding
 from big_vision_lite import (block_cache, distributed, evaluators, files, host_memory, models, tasks,
-                             xla_options)
+                             workdir_lock, xla_options)
 from big_vision_lite.data import ops as pp_ops, pipeline, sources
 from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.registry import UnknownNameError
@@ -640,7 +640,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
-    result = train_and_evaluate(config, args.workdir or None, overwrite=args.overwrite)
+    # One run per workdir; process 0 holds it for the job.
+    with workdir_lock.hold(args.workdir if jax.process_index() == 0 else None):
+      result = train_and_evaluate(config, args.workdir or None, overwrite=args.overwrite)
+  except workdir_lock.WorkdirBusy as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except Preempted as e:
     print(str(e), file=sys.stderr)
     return PREEMPTED_EXIT_CODE
