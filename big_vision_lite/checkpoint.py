@@ -25,11 +25,14 @@ The training loop is expected to:
 
 from __future__ import annotations
 
+import errno
 import json
+import logging as py_logging
 import os
 import signal
 import threading
 import time
+import warnings
 from typing import Any
 
 from absl import logging
@@ -162,26 +165,49 @@ def flatten_with_names(tree: Any, is_leaf=None) -> dict[str, Any]:
 
 
 def short_error(e: BaseException, limit: int = 300) -> str:
-  """One line for an orbax/tensorstore error: the innermost cause, without the spec dump."""
+  """One line for an orbax/tensorstore error: the innermost cause, without the spec dump.
+
+  A longer first line is cut at `limit`, but an OS error's text (an errno's strerror such as
+  "No space left on device") found anywhere in the chain is kept.
+  """
   chain, seen = [e], {id(e)}
   while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
     chain.append(nxt)
     seen.add(id(nxt))
   inner = chain[-1]
   text = (str(inner).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
-  return f"{type(inner).__name__}: {text[:limit]}"
+  if len(text) > limit:
+    text = text[:limit] + " ..."
+  everything = " ".join(str(x) for x in chain)
+  causes = [os.strerror(n) for n in sorted(errno.errorcode) if os.strerror(n) in everything]
+  causes = [c for c in causes if c not in text and not any(c in o and c != o for o in causes)]
+  return f"{type(inner).__name__}: {text}" + (f" ({'; '.join(causes)})" if causes else "")
 
 
 # ----------------------------------------------------------------------------
 
+class _DropOrbaxTracebacks(py_logging.Filter):
+  """Drops the tracebacks orbax's background threads log: the error comes back as a CheckpointError."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not (record.levelno >= py_logging.ERROR and record.exc_info
+                and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_FILTER = _DropOrbaxTracebacks()
+
+
+
 class Checkpointer:
-  """An orbax CheckpointManager over items ("state", "data") with safety checks."""
+  """An orbax CheckpointManager over items ("state", "data", "digest") with safety checks."""
 
   def __init__(self, directory: str, *, save_interval_steps: int, max_to_keep: int | None = 3,
                keep_period: int | None = None, async_save: bool = True):
     # orbax refuses relative local paths; leave URLs (gs://...) alone.
     self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
     self._warned: set[str] = set()
+    # Orbax logs through absl's logger; its failed saves are re-raised by save() or wait.
+    py_logging.getLogger("absl").addFilter(_ORBAX_FILTER)
     self._set_aside_incomplete()
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -258,12 +284,18 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - disk full, permissions, tensorstore errors.
       raise self._save_error(step, e) from e
 
-  def _save_error(self, step: int | None, e: BaseException) -> CheckpointError:
+  def intact_report(self) -> str:
+    """'newest complete checkpoint (left intact): step N in <path>', for an error message."""
     complete, _ = scan_steps(self.directory)
     previous = f"step {complete[-1]} in {self.step_path(complete[-1])}" if complete else "none"
+    return f"newest complete checkpoint (left intact): {previous}"
+
+  def _save_error(self, step: int | None, e: BaseException) -> CheckpointError:
+    # The failed save's abandoned coroutines would each warn when collected.
+    warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
     what = "a checkpoint" if step is None else f"checkpoint step {step}"
     return CheckpointError(f"saving {what} in {self.directory} failed: {short_error(e)}; "
-                           f"newest complete checkpoint (left intact): {previous}")
+                           f"{self.intact_report()}")
 
   def set_aside(self, step: int, why: str, tag: str = "unusable") -> epath.Path:
     """Renames step folder `step` to `<step>.<tag>-<unix time>` (kept for inspection, never used).

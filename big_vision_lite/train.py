@@ -460,6 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
   if start_step >= total_steps and is_main:
     print(f"{workdir} already holds the final step {start_step} of {total_steps}; nothing to do",
           flush=True)
+  failure = None
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       throughput.tick(start_step, 0)
@@ -499,15 +500,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
               ckpt.save(step, state, train_iter, force=True)
               ckpt.wait_until_finished()
               raise Preempted(f"preempted at step {step}: checkpoint saved in {ckpt.directory}")
+  except BaseException as e:
+    failure = e
+    raise
   finally:
-    progress.close()
-    writer.close()
-    if ckpt:
-      ckpt.wait_until_finished()
-      ckpt.close()
+    _shut_down(progress, writer, ckpt, failure)
   if is_main and (counters := block_cache.counters()):
     print(f"host memory: {counters}", flush=True)
   return last
+
+
+def _shut_down(progress, writer, ckpt: checkpoint.Checkpointer | None, failure: BaseException | None) -> None:
+  """Closes the writers and finishes the checkpointer's saves, each even if another fails.
+
+  While `failure` propagates, their own errors are logged, not raised, so that it stays the
+  one reported; an OSError of the run's (a full disk under metrics.jsonl) is re-raised naming
+  the newest intact checkpoint. Without a failure the first of their errors is raised.
+  """
+  closers = [progress.close, writer.close] + ([ckpt.wait_until_finished, ckpt.close] if ckpt else [])
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001 - reported below, or logged behind `failure`.
+      if failure is None and first is None:
+        first = e
+      else:
+        log.info("also failed while stopping: %s: %s", type(e).__name__, e)
+  if first is not None:
+    raise first
+  if isinstance(failure, OSError) and ckpt:
+    raise OSError(f"{failure}; {ckpt.intact_report()}") from failure
 
 
 def _size(n: float) -> str:
