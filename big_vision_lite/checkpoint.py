@@ -70,7 +70,11 @@ def step_dir_problem(step_dir: epath.PathLike) -> str | None:
   step_dir = epath.Path(step_dir)
   if not step_dir.is_dir():
     return "not a directory"
-  if not (step_dir / COMMIT_FILE).exists():
+  try:
+    committed = _exists(step_dir / COMMIT_FILE)
+  except OSError as e:  # e.g. permission denied: not the same as an interrupted save
+    return f"cannot check {step_dir / COMMIT_FILE}: {type(e).__name__}: {e}"
+  if not committed:
     return f"no {COMMIT_FILE} (save was interrupted or never finalized)"
   state_md = step_dir / STATE_ITEM / "_METADATA"
   try:
@@ -86,6 +90,15 @@ def step_dir_problem(step_dir: epath.PathLike) -> str | None:
     if not (step_dir / item).is_dir():
       return f"item folder {item!r} is missing"
   return None
+
+
+def _exists(path: epath.Path) -> bool:
+  """Whether `path` exists; unlike Path.exists(), an error other than "not found" is raised."""
+  try:
+    path.stat()
+  except FileNotFoundError:
+    return False
+  return True
 
 
 def scan_steps(directory: epath.PathLike) -> tuple[list[int], dict[int, str]]:
