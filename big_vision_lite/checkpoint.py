@@ -8,6 +8,8 @@ Layout of a workdir (what orbax 0.12.8 writes; `Checkpointer` reads nothing else
     _CHECKPOINT_METADATA             JSON: item handlers, init/commit timestamps
     state/_METADATA ...              the train state (StandardSave, OCDBT/zarr)
     data/process_<i>-of-<n>.json     the grain iterator state (optional)
+    digest/metadata                  JSON: each array's digest and each process's iterator
+                                     state digest (digest.py), checked after a restore
   <dir>/<step>.orbax-checkpoint-tmp-<ts>/   a save in flight (renamed when done)
 
 The training loop is expected to:
@@ -23,21 +25,28 @@ The training loop is expected to:
 
 from __future__ import annotations
 
+import errno
 import json
+import logging as py_logging
 import os
 import signal
 import threading
 import time
+import warnings
 from typing import Any
 
 from absl import logging
 from etils import epath
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from big_vision_lite import digest
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+DIGEST_ITEM = "digest"
 COMMIT_FILE = "commit_success.txt"
 INCOMPLETE_SUFFIX = ".incomplete-"
 
@@ -61,7 +70,11 @@ def step_dir_problem(step_dir: epath.PathLike) -> str | None:
   step_dir = epath.Path(step_dir)
   if not step_dir.is_dir():
     return "not a directory"
-  if not (step_dir / COMMIT_FILE).exists():
+  try:
+    committed = _exists(step_dir / COMMIT_FILE)
+  except OSError as e:  # e.g. permission denied: not the same as an interrupted save
+    return f"cannot check {step_dir / COMMIT_FILE}: {type(e).__name__}: {e}"
+  if not committed:
     return f"no {COMMIT_FILE} (save was interrupted or never finalized)"
   state_md = step_dir / STATE_ITEM / "_METADATA"
   try:
@@ -77,6 +90,15 @@ def step_dir_problem(step_dir: epath.PathLike) -> str | None:
     if not (step_dir / item).is_dir():
       return f"item folder {item!r} is missing"
   return None
+
+
+def _exists(path: epath.Path) -> bool:
+  """Whether `path` exists; unlike Path.exists(), an error other than "not found" is raised."""
+  try:
+    path.stat()
+  except FileNotFoundError:
+    return False
+  return True
 
 
 def scan_steps(directory: epath.PathLike) -> tuple[list[int], dict[int, str]]:
@@ -156,26 +178,49 @@ def flatten_with_names(tree: Any, is_leaf=None) -> dict[str, Any]:
 
 
 def short_error(e: BaseException, limit: int = 300) -> str:
-  """One line for an orbax/tensorstore error: the innermost cause, without the spec dump."""
+  """One line for an orbax/tensorstore error: the innermost cause, without the spec dump.
+
+  A longer first line is cut at `limit`, but an OS error's text (an errno's strerror such as
+  "No space left on device") found anywhere in the chain is kept.
+  """
   chain, seen = [e], {id(e)}
   while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
     chain.append(nxt)
     seen.add(id(nxt))
   inner = chain[-1]
   text = (str(inner).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
-  return f"{type(inner).__name__}: {text[:limit]}"
+  if len(text) > limit:
+    text = text[:limit] + " ..."
+  everything = " ".join(str(x) for x in chain)
+  causes = [os.strerror(n) for n in sorted(errno.errorcode) if os.strerror(n) in everything]
+  causes = [c for c in causes if c not in text and not any(c in o and c != o for o in causes)]
+  return f"{type(inner).__name__}: {text}" + (f" ({'; '.join(causes)})" if causes else "")
 
 
 # ----------------------------------------------------------------------------
 
+class _DropOrbaxTracebacks(py_logging.Filter):
+  """Drops the tracebacks orbax's background threads log: the error comes back as a CheckpointError."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not (record.levelno >= py_logging.ERROR and record.exc_info
+                and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_FILTER = _DropOrbaxTracebacks()
+
+
+
 class Checkpointer:
-  """An orbax CheckpointManager over items ("state", "data") with safety checks."""
+  """An orbax CheckpointManager over items ("state", "data", "digest") with safety checks."""
 
   def __init__(self, directory: str, *, save_interval_steps: int, max_to_keep: int | None = 3,
                keep_period: int | None = None, async_save: bool = True):
     # orbax refuses relative local paths; leave URLs (gs://...) alone.
     self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
     self._warned: set[str] = set()
+    # Orbax logs through absl's logger; its failed saves are re-raised by save() or wait.
+    py_logging.getLogger("absl").addFilter(_ORBAX_FILTER)
     self._set_aside_incomplete()
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -186,7 +231,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         ),
-        item_names=(STATE_ITEM, DATA_ITEM),
+        item_names=(STATE_ITEM, DATA_ITEM, DIGEST_ITEM),
     )
 
   def _set_aside_incomplete(self) -> None:
@@ -238,21 +283,32 @@ class Checkpointer:
     if step in self._manager.all_steps():
       logging.info("Checkpoint for step %d already exists in %s; not saving again.", step, self.directory)
       return False
-    args = {STATE_ITEM: ocp.args.StandardSave(state)}
-    if data_iter is not None:
-      args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
     try:
+      if not force and not self._manager.should_save(step):
+        return False  # before the digests, which cost a pass over the state
+      record = {"arrays": digest.array_digests(flatten_with_names(state))}
+      args = {STATE_ITEM: ocp.args.StandardSave(state)}
+      if data_iter is not None:
+        args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
+        record["data"] = _data_digests(data_iter)
+      args[DIGEST_ITEM] = ocp.args.JsonSave(record)
       # Also re-raises the error of a previous async save that failed in the background.
       return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=force))
     except Exception as e:  # noqa: BLE001 - disk full, permissions, tensorstore errors.
       raise self._save_error(step, e) from e
 
-  def _save_error(self, step: int | None, e: BaseException) -> CheckpointError:
+  def intact_report(self) -> str:
+    """'newest complete checkpoint (left intact): step N in <path>', for an error message."""
     complete, _ = scan_steps(self.directory)
     previous = f"step {complete[-1]} in {self.step_path(complete[-1])}" if complete else "none"
+    return f"newest complete checkpoint (left intact): {previous}"
+
+  def _save_error(self, step: int | None, e: BaseException) -> CheckpointError:
+    # The failed save's abandoned coroutines would each warn when collected.
+    warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
     what = "a checkpoint" if step is None else f"checkpoint step {step}"
     return CheckpointError(f"saving {what} in {self.directory} failed: {short_error(e)}; "
-                           f"newest complete checkpoint (left intact): {previous}")
+                           f"{self.intact_report()}")
 
   def set_aside(self, step: int, why: str, tag: str = "unusable") -> epath.Path:
     """Renames step folder `step` to `<step>.<tag>-<unix time>` (kept for inspection, never used).
@@ -293,11 +349,31 @@ class Checkpointer:
       if not (step_dir / DATA_ITEM).is_dir():
         raise CheckpointError(f"checkpoint {step_dir} has no data iterator state ({DATA_ITEM}/ is missing)")
       args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
+    record = self._read_digests(step_dir)
+    if record is not None and data_iter is not None:
+      _check_data_digest(step_dir, record)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types.
       raise CheckpointError(f"cannot restore checkpoint {step_dir}: {short_error(e)}") from e
+    if record is not None:
+      _check_array_digests(step_dir, record, restored[STATE_ITEM])
     return restored[STATE_ITEM]
+
+  def _read_digests(self, step_dir: epath.Path) -> dict[str, Any] | None:
+    """The step's digest record; None (with a warning) for a step saved before there were digests."""
+    path = step_dir / DIGEST_ITEM / "metadata"
+    try:
+      if not (step_dir / DIGEST_ITEM).is_dir():
+        logging.warning("Checkpoint %s has no digests (saved by an older version): not verified.", step_dir)
+        return None
+      record = json.loads(path.read_text())
+      if not isinstance(record.get("arrays"), dict):
+        raise ValueError("no 'arrays' entry")
+      return record
+    except (OSError, ValueError, AttributeError) as e:
+      raise CheckpointError(f"checkpoint {step_dir}: unreadable digests {path}: "
+                            f"{type(e).__name__}: {e}") from e
 
   # -- preemption and lifetime ----------------------------------------------
 
@@ -328,6 +404,52 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# ----------------------------------------------------------------------------
+# Digests (digest.py): written with every step, checked by every restore.
+
+def _data_digests(data_iter: Any) -> list[str]:
+  """Every process's iterator state digest, in process order (one all-gather where there are several)."""
+  state = data_iter.get_state()
+  mine = digest.data_state_digest(state if isinstance(state, (bytes, str)) else json.dumps(state))
+  if jax.process_count() == 1:
+    return [mine]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  raw = np.frombuffer(bytes.fromhex(mine), np.uint8)
+  return [bytes(row).hex() for row in np.asarray(multihost_utils.process_allgather(raw))]
+
+
+def _check_data_digest(step_dir: epath.Path, record: dict[str, Any]) -> None:
+  """Raises CheckpointError unless this process's iterator file matches its digest."""
+  expected = record.get("data")
+  path = epath.Path(step_dir) / DATA_ITEM / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if not isinstance(expected, list) or len(expected) != jax.process_count():
+    raise CheckpointError(f"checkpoint {step_dir}: no digest for the data iterator state {path}")
+  try:
+    got = digest.data_state_digest(path.read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"checkpoint {step_dir}: unreadable data iterator state {path}: "
+                          f"{type(e).__name__}: {e}") from e
+  if got != expected[jax.process_index()]:
+    raise CheckpointError(f"checkpoint {step_dir}: data iterator state {path} does not match its "
+                          f"digest (corrupt)")
+
+
+def _check_array_digests(step_dir: epath.Path, record: dict[str, Any], state: Any) -> None:
+  """Raises CheckpointError naming the arrays whose restored values do not match their digest.
+
+  An array restored into another dtype than it was saved with cannot be compared; it is skipped.
+  """
+  named = flatten_with_names(state)
+  saved_dtypes = {k: str(v.dtype) for k, v in read_state_metadata(epath.Path(step_dir) / STATE_ITEM).items()}
+  comparable = {k: v for k, v in named.items() if saved_dtypes.get(k) == str(v.dtype)}
+  expected = record["arrays"]
+  got = digest.array_digests(comparable)
+  bad = sorted(k for k in comparable if expected.get(k) != got[k])
+  if bad:
+    raise CheckpointError(f"checkpoint {step_dir}: {len(bad)} array(s) do not match their digest "
+                          f"(corrupt data): {bad[:3]}{' ...' if len(bad) > 3 else ''}")
 
 
 # ----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import numpy as np
 from big_vision_lite import checkpoint, config as config_lib, config_check, flops, metrics, optim
 from big_vision_lite import pretrained, schedules, sharding
 from big_vision_lite import (block_cache, distributed, evaluators, files, host_memory, models, tasks,
-                             xla_options)
+                             workdir_lock, xla_options)
 from big_vision_lite.data import ops as pp_ops, pipeline, sources
 from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.registry import UnknownNameError
@@ -467,6 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
   if start_step >= total_steps and is_main:
     print(f"{workdir} already holds the final step {start_step} of {total_steps}; nothing to do",
           flush=True)
+  failure = None
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       throughput.tick(start_step, 0)
@@ -506,15 +507,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
               ckpt.save(step, state, train_iter, force=True)
               ckpt.wait_until_finished()
               raise Preempted(f"preempted at step {step}: checkpoint saved in {ckpt.directory}")
+  except BaseException as e:
+    failure = e
+    raise
   finally:
-    progress.close()
-    writer.close()
-    if ckpt:
-      ckpt.wait_until_finished()
-      ckpt.close()
+    _shut_down(progress, writer, ckpt, failure)
   if is_main and (counters := block_cache.counters()):
     print(f"host memory: {counters}", flush=True)
   return last
+
+
+def _shut_down(progress, writer, ckpt: checkpoint.Checkpointer | None, failure: BaseException | None) -> None:
+  """Closes the writers and finishes the checkpointer's saves, each even if another fails.
+
+  While `failure` propagates, their own errors are logged, not raised, so that it stays the
+  one reported; an OSError of the run's (a full disk under metrics.jsonl) is re-raised naming
+  the newest intact checkpoint. Without a failure the first of their errors is raised.
+  """
+  closers = [progress.close, writer.close] + ([ckpt.wait_until_finished, ckpt.close] if ckpt else [])
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001 - reported below, or logged behind `failure`.
+      if failure is None and first is None:
+        first = e
+      else:
+        log.info("also failed while stopping: %s: %s", type(e).__name__, e)
+  if first is not None:
+    raise first
+  if isinstance(failure, OSError) and ckpt:
+    raise OSError(f"{failure}; {ckpt.intact_report()}") from failure
 
 
 def _size(n: float) -> str:
@@ -651,7 +674,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
-    result = train_and_evaluate(config, args.workdir or None, overwrite=args.overwrite)
+    # One run per workdir; process 0 holds it for the job.
+    with workdir_lock.hold(args.workdir if jax.process_index() == 0 else None):
+      result = train_and_evaluate(config, args.workdir or None, overwrite=args.overwrite)
+  except workdir_lock.WorkdirBusy as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except Preempted as e:
     print(str(e), file=sys.stderr)
     return PREEMPTED_EXIT_CODE

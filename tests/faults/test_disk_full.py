@@ -1,8 +1,10 @@
-"""Disk full during an (async) save: a one-line CheckpointError naming the directory and the
-errno; the previous checkpoint stays complete and restorable."""
+"""Disk full during an (async) save or a metrics write: one error line naming the cause and the
+newest intact checkpoint, no tracebacks; the previous checkpoint stays complete and restorable."""
 
 import errno
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,7 +12,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from orbax.checkpoint._src.path import async_path
 
-from big_vision_lite.checkpoint import CheckpointError, Checkpointer
+from conftest import COMMON, ROOT, TINY, steps_on_disk
+
+from big_vision_lite.checkpoint import CheckpointError, Checkpointer, short_error
 
 
 def _state(seed):
@@ -51,3 +55,35 @@ def test_enospc_during_save_is_one_clear_error_and_keeps_previous(tmp_path, monk
     c.close()
   except CheckpointError:
     pass
+
+
+def test_short_error_keeps_the_cause_past_the_limit():
+  inner = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/" + "y" * 400)
+  try:
+    try:
+      raise ValueError("Error writing local file: " + "/x/" + "y" * 400 + " [OSError: No space left on device]")
+    except ValueError as e:
+      raise RuntimeError("tensorstore failed") from e
+  except RuntimeError as e:
+    text = short_error(e)
+  assert "No space left on device" in text and "\n" not in text and len(text) < 400
+  assert "No space left on device" in short_error(inner) and short_error(inner).count("No space") == 1
+
+
+@pytest.mark.parametrize("where", ["ckpt", "metrics"])
+def test_full_disk_is_one_line_with_the_cause_and_the_intact_step(compile_cache, tmp_path, where):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
+  env.pop("BVL_FAULT", None)
+  driver = os.path.join(os.path.dirname(__file__), "disk_full_driver.py")
+  r = subprocess.run([sys.executable, driver, where, "--config", TINY, "--workdir", str(tmp_path), *COMMON],
+                     env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 1, r.stderr[-3000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1, r.stderr[-3000:]
+  assert lines[0].startswith("error: ") and "No space left on device" in lines[0]
+  # ckpt: steps 1 and 2 were saved before the disk filled; metrics: the step-4 save finished.
+  want = 2 if where == "ckpt" else 4
+  assert f"newest complete checkpoint (left intact): step {want} in " in lines[0], lines[0]
+  assert want in steps_on_disk(tmp_path)
