@@ -109,8 +109,8 @@ class Setup:
   state_shardings: Any
   abstract_state: Any
   example: dict
-  # Loss guard: {"window", "k", "min_steps"} of config.spike_skip (window 0 = no spike rule).
-  guard: dict = dataclasses.field(default_factory=lambda: dict(window=0, k=6.0, min_steps=20))
+  # Loss guard: {"window", "k", "min_steps", "std_floor"} of config.spike_skip (window 0 = no spike rule).
+  guard: dict = dataclasses.field(default_factory=lambda: dict(window=0, k=6.0, min_steps=20, std_floor=0.1))
 
 
 def init_guard(window: int) -> dict:
@@ -121,7 +121,8 @@ def init_guard(window: int) -> dict:
   """
   return {"losses": jnp.zeros((max(1, window),), jnp.float32), "count": jnp.zeros((), jnp.int32),
           "nonfinite": jnp.zeros((), jnp.int32), "spikes": jnp.zeros((), jnp.int32),
-          "first_nonfinite": jnp.zeros((), jnp.int32)}
+          "first_nonfinite": jnp.zeros((), jnp.int32), "in_a_row": jnp.zeros((), jnp.int32),
+          "most_in_a_row": jnp.zeros((), jnp.int32)}
 
 
 def example_batch(input_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -188,6 +189,7 @@ def build(config: ml_collections.ConfigDict, mesh=None, example: dict | None = N
   repl = sharding.replicated(mesh)
   guard = dict(config.get("spike_skip", None) or dict(window=0, k=6.0, min_steps=20))
   guard["window"] = int(guard["window"])
+  guard.setdefault("std_floor", 0.1)
   state_sh = {
       "params": params_sh,
       "opt_state": sharding.opt_state_shardings(tx, abstract_params, params_sh, mesh),
@@ -248,7 +250,9 @@ def make_train_step(setup: Setup, grad_accum_steps: int):
     grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = jax.tree.map(jnp.add, params, updates)
-    ok, guard = _loss_guard(state["guard"], loss, grad_norm, step, **setup.guard)
+    # Updated params are checked too: a finite loss and gradient can still give inf/NaN params (lr=1e38).
+    ok, guard = _loss_guard(state["guard"], loss, grad_norm, step, params_finite=optim.all_finite(new_params),
+                            **setup.guard)
     # A dropped update leaves params and optimizer state bit-for-bit as they were.
     new_params = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_params, params)
     opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), opt_state, state["opt_state"])
@@ -279,15 +283,18 @@ def _poison_fn(faults: list[tuple[str, int]]):
   return factor
 
 
-def _loss_guard(guard: dict, loss, grad_norm, step, *, window: int, k: float, min_steps: int):
-  """(ok, new guard): ok is False for a non-finite loss/gradient or a loss spike.
+def _loss_guard(guard: dict, loss, grad_norm, step, *, params_finite=True, window: int, k: float,
+                min_steps: int, std_floor: float = 0.0):
+  """(ok, new guard): ok is False for a non-finite loss/gradient/new params or a loss spike.
 
-  Spike: loss > mean + k * std of the last `window` accepted losses (population
-  std), once at least `min_steps` losses were accepted; window=0 disables it.
-  Only accepted losses enter the history.
+  Spike: loss > mean + k * max(std, std_floor * |mean|) over the last `window`
+  accepted losses (population std), once at least `min_steps` losses were
+  accepted; window=0 disables it. The floor keeps a nearly flat window from
+  calling ordinary noise a spike. Only accepted losses enter the history;
+  `in_a_row` / `most_in_a_row` count consecutive skipped updates.
   """
   loss = loss.astype(jnp.float32)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
   hist, count = guard["losses"], guard["count"]
   if window > 0:
     n = jnp.minimum(count, window)
@@ -295,6 +302,7 @@ def _loss_guard(guard: dict, loss, grad_norm, step, *, window: int, k: float, mi
     nf = jnp.maximum(n, 1).astype(jnp.float32)
     mean = jnp.sum(jnp.where(valid, hist, 0.0)) / nf
     std = jnp.sqrt(jnp.sum(jnp.where(valid, (hist - mean) ** 2, 0.0)) / nf)
+    std = jnp.maximum(std, std_floor * jnp.abs(mean))
     spike = finite & (count >= min_steps) & (loss > mean + k * std)
     slot = count % window
     ok = finite & ~spike
@@ -303,11 +311,13 @@ def _loss_guard(guard: dict, loss, grad_norm, step, *, window: int, k: float, mi
     spike = jnp.zeros((), bool)
     ok = finite
   first = guard["first_nonfinite"]
+  in_a_row = jnp.where(ok, 0, guard["in_a_row"] + 1)
   return ok, {
       "losses": hist, "count": count + ok.astype(jnp.int32),
       "nonfinite": guard["nonfinite"] + (~finite).astype(jnp.int32),
       "spikes": guard["spikes"] + spike.astype(jnp.int32),
       "first_nonfinite": jnp.where((first == 0) & ~finite, step + 1, first),
+      "in_a_row": in_a_row, "most_in_a_row": jnp.maximum(guard["most_in_a_row"], in_a_row),
   }
 
 
@@ -396,9 +406,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bo
     files.write_atomic(path, config.to_json_best_effort(indent=2))
 
 
-def _guard_status(state) -> tuple[int, int, int]:
-  g = jax.device_get({k: state["guard"][k] for k in ("nonfinite", "spikes", "first_nonfinite")})
-  return int(g["nonfinite"]), int(g["spikes"]), int(g["first_nonfinite"])
+def _guard_status(state) -> tuple[int, int, int, int]:
+  """(non-finite skips, spike skips, first non-finite step, longest run of consecutive skips)."""
+  keys = ("nonfinite", "spikes", "first_nonfinite", "most_in_a_row")
+  g = jax.device_get({k: state["guard"][k] for k in keys})
+  return tuple(int(g[k]) for k in keys)  # type: ignore[return-value]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
@@ -571,16 +583,27 @@ def check_bad_fraction(bad: int, read: int, max_fraction: float, step: int) -> N
         f"{max_fraction:g}); the warnings above name them")
 
 
-def _check_guard(config, step: int, status: tuple[int, int, int], reported: tuple[int, int], ckpt,
+def _check_guard(config, step: int, status: tuple[int, int, int, int], reported: tuple[int, int], ckpt,
                  writer, step_metrics, is_main: bool) -> tuple[int, int]:
-  """Stops on a non-finite loss under nan_policy='stop'; logs new skipped updates otherwise."""
-  nonfinite, spikes, first = status
+  """Stops on a non-finite loss under nan_policy='stop' or past config.max_consecutive_skips;
+  logs new skipped updates otherwise."""
+  nonfinite, spikes, first, in_a_row = status
+  limit = config.get("max_consecutive_skips", 0)
+  if limit and in_a_row > limit:
+    writer.write(step, {k: float(v) for k, v in jax.device_get(step_metrics).items()})
+    if ckpt:
+      ckpt.wait_until_finished()
+    raise FloatingPointError(
+        f"{in_a_row} updates in a row were skipped by step {step} (more than "
+        f"config.max_consecutive_skips={limit}; {nonfinite} non-finite, {spikes} spike(s) in all); "
+        f"the last complete checkpoint is step {ckpt.latest_step() if ckpt else None}, saved before "
+        f"or between skips so its parameters are finite (lower config.lr?)")
   if nonfinite and config.nan_policy == "stop":
     writer.write(step, {k: float(v) for k, v in jax.device_get(step_metrics).items()})
     if ckpt:
       ckpt.wait_until_finished()  # so "last complete checkpoint" counts a save still in flight
     raise FloatingPointError(
-        f"loss or gradient not finite at step {first} (nan_policy='stop'); stopped at step {step}; "
+        f"loss, gradient or updated params not finite at step {first} (nan_policy='stop'); stopped at step {step}; "
         f"metrics written; the last complete checkpoint is step {ckpt.latest_step() if ckpt else None} "
         f"(set config.nan_policy='skip' to drop such updates)")
   if (nonfinite, spikes) != tuple(reported):
