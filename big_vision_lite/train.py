@@ -23,10 +23,16 @@ def _restart_command_line() -> int | None:
 
 _restart_checked = False
 if __name__ == "__main__":
+  # First of all, so a SIGTERM/SIGINT during start-up is not lost (main() installs it again).
+  from big_vision_lite import signals as _early_signals
+  _early_signals.install(sys.argv[1:])
   # Before the imports below: they take ~1 s, which a restart in main() would pay twice.
   if (_code := _restart_command_line()) is not None:
     sys.exit(_code)
   _restart_checked = True
+elif __name__ == "__mp_main__":  # a spawned input worker imports this module: signals are the trainer's
+  from big_vision_lite import signals as _early_signals
+  _early_signals.ignore_in_worker()
 
 import argparse
 import dataclasses
@@ -46,9 +52,9 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, flops, metrics, optim, pretrained, sharding
-from big_vision_lite import (block_cache, distributed, evaluators, files, host_memory, models, tasks,
+from big_vision_lite import (block_cache, distributed, evaluators, files, host_memory, models, signals, tasks,
                              xla_options)
-from big_vision_lite.data import ops as pp_ops, pipeline, sources
+from big_vision_lite.data import ops as pp_ops, pipeline, sources, worker_watch
 from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.registry import UnknownNameError
 
@@ -435,8 +441,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
         os.path.join(workdir, "checkpoints"), save_interval_steps=config.ckpt_steps,
         max_to_keep=config.keep_ckpts or None, keep_period=config.keep_ckpt_steps or None,
         async_save=config.async_checkpoint)
-    checkpoint.install_sigterm_handler()
+    if not signals.installed():
+      checkpoint.install_sigterm_handler()
   state, start_step = _restore_or_init(setup, config, ckpt, train_iter)
+  if ckpt:
+    signals.saving_from_now()
 
   evals = evaluators.get_evaluators(config, task=setup.task, mesh=mesh,
                                     default_batch_size=config.input.batch_size, total_steps=total_steps)
@@ -476,7 +485,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       throughput.tick(start_step, 0)
       for step in range(start_step + 1, total_steps + 1):
-        local = next(train_iter)
+        try:
+          local = worker_watch.next_batch(train_iter)
+        except worker_watch.InputWorkerDied as e:
+          if ckpt and signals.received():  # the group's signal reached a worker still starting up
+            ckpt.save(step - 1, state, train_iter, force=True)
+            ckpt.wait_until_finished()
+            raise Preempted(f"{signals.reason()} at step {step - 1}: checkpoint saved in {ckpt.directory} "
+                            f"({e})") from None
+          raise
         batch = sharding.global_batch(local, mesh)
         state, step_metrics = train_step(state, batch)
         if step == start_step + 1 and is_main:
@@ -510,8 +527,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
             if ckpt.reached_preemption(step):
               ckpt.save(step, state, train_iter, force=True)
               ckpt.wait_until_finished()
-              raise Preempted(f"preempted at step {step}: checkpoint saved in {ckpt.directory}")
+              raise Preempted(f"{signals.reason()} at step {step}: checkpoint saved in {ckpt.directory}")
   finally:
+    worker_watch.stop()
     progress.close()
     writer.close()
     if ckpt:
@@ -644,6 +662,16 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command line: exit 0 done, 75 preempted (SIGTERM), 130 interrupted (SIGINT), 2 config, 1 failure."""
+  # First: a signal during start-up (before any state exists) exits at once with one line.
+  signals.install(sys.argv[1:] if argv is None else argv)
+  try:
+    return _main(argv)
+  finally:
+    signals.uninstall()
+
+
+def _main(argv: Sequence[str] | None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   # As the command line does above, for a program that calls main() itself; a caller that
   # passes argv keeps its process as it is.
@@ -665,10 +693,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     result = train_and_evaluate(config, args.workdir or None, overwrite=args.overwrite)
   except Preempted as e:
-    print(str(e), file=sys.stderr)
-    return PREEMPTED_EXIT_CODE
+    print(f"{e}; resume with: {signals.resume_command()}", file=sys.stderr)
+    return signals.exit_code()
   except (config_lib.ConfigError, sharding.MeshError, checkpoint.CheckpointError, UnknownNameError,
-          BadInputError, OSError, FloatingPointError) as e:
+          BadInputError, OSError, FloatingPointError, worker_watch.InputWorkerDied) as e:
     # Expected failure modes get one line; anything else keeps its traceback. (grain appends
     # a note about its traceback filtering to errors raised in the input pipeline.)
     print(f"error: {str(e).split(chr(10) + '----------')[0]}", file=sys.stderr)

@@ -131,6 +131,8 @@ class Preprocess(grain.transforms.RandomMap):
     self._init_counts()
     if multiprocessing.parent_process() is not None:
       _die_with_parent()
+      from big_vision_lite import signals  # pylint: disable=import-outside-toplevel
+      signals.ignore_in_worker()
 
   def random_map(self, element: tuple[int, Any], rng: np.random.Generator) -> dict | None:
     index, example = element
