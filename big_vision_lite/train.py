@@ -668,7 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return _main(argv)
   finally:
-    signals.uninstall()
+    if argv is not None:  # an in-process caller gets its handlers back; the CLI keeps ours to the end
+      signals.uninstall()
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -14,7 +14,8 @@ from conftest import assert_bitwise_equal, final_params, input_workers, metric_r
 
 from big_vision_lite import train
 
-WORKERS = ["--config.input.num_workers=2"]
+WORKERS = ["--config.input.num_workers=2", "--config.total_steps=24"]
+SLOW = "slow@1"  # 0.5 s a step: training takes most of a run, so most signals land mid-run
 KINDS = [("SIGKILL", "pid"), ("SIGTERM", "pid"), ("SIGKILL", "group"), ("SIGTERM", "group")]
 OK_CODES = {"SIGKILL": (-9, 0), "SIGTERM": (train.PREEMPTED_EXIT_CODE, 0)}
 
@@ -22,10 +23,10 @@ OK_CODES = {"SIGKILL": (-9, 0), "SIGTERM": (train.PREEMPTED_EXIT_CODE, 0)}
 def _signalled_runs(start_cli, work, rng, n_signals, span_s):
   log = []
   for i in range(n_signals + 6):  # after the signalled runs, unsignalled ones until done
-    proc = start_cli(work, *WORKERS)
+    proc = start_cli(work, *WORKERS, fault=SLOW)
     kind = KINDS[rng.randrange(len(KINDS))] if i < n_signals else None
     if kind:
-      delay = rng.uniform(0.2, span_s)
+      delay = rng.uniform(0.2, 0.7 * span_s)
       time.sleep(delay)
       sig = getattr(signal, kind[0])
       workers = input_workers(proc.pid)
@@ -61,7 +62,7 @@ def _alive(pid: int) -> bool:
 def _check(start_cli, run_cli, tmp_path, n_signals, seed):
   ref = tmp_path / "ref"
   t0 = time.monotonic()
-  r = run_cli(ref, *WORKERS)
+  r = run_cli(ref, *WORKERS, fault=SLOW)
   assert r.returncode == 0, r.stderr[-3000:]
   span = time.monotonic() - t0  # signals land anywhere from start-up to the last step
   log = _signalled_runs(start_cli, tmp_path / "work", random.Random(seed), n_signals, span)
