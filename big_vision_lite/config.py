@@ -66,9 +66,11 @@ def defaults() -> ConfigDict:
   # A non-finite loss or gradient: 'stop' (metrics written, last good checkpoint kept) or
   # 'skip' the update (params and optimizer state untouched, counted in the metrics).
   c.nan_policy = "stop"
-  # Skip an update whose loss exceeds mean + k*std of the last `window` accepted losses,
-  # once `min_steps` losses were accepted; window=0 turns it off.
-  c.spike_skip = ConfigDict(dict(window=0, k=6.0, min_steps=20))
+  # Skip an update whose loss exceeds mean + k*max(std, std_floor*|mean|) of the last `window`
+  # accepted losses, once `min_steps` losses were accepted; window=0 turns it off.
+  c.spike_skip = ConfigDict(dict(window=0, k=6.0, min_steps=20, std_floor=0.1))
+  # Stop (exit 1) once more than this many updates in a row were skipped (non-finite or spike); 0 = never.
+  c.max_consecutive_skips = 10
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   c.sharding_rules = [
@@ -103,7 +105,7 @@ RESUMABLE_CHANGES = (
     "total_steps", "total_epochs", "evals", "log_training_steps", "progress", "ckpt_steps",
     "keep_ckpts", "keep_ckpt_steps", "async_checkpoint", "mfu_peak_flops", "mesh", "sharding_rules",
     "input.prefetch", "input.bad_examples", "input.max_bad_fraction", "nan_policy", "spike_skip",
-    "allow_config_change",
+    "max_consecutive_skips", "allow_config_change",
 )
 
 
@@ -293,9 +295,13 @@ def validate(config: ConfigDict, num_devices: int, process_count: int = 1) -> No
   check(config.input.num_workers >= 0, "input.num_workers", "must be >= 0")
   check(config.log_training_steps > 0, "log_training_steps", "must be positive")
   check(config.ckpt_steps >= 0, "ckpt_steps", "must be >= 0 (0 disables checkpoints)")
+<<<<<<< HEAD
   check(config.lr >= 0, "lr", f"must be >= 0, got {config.lr}")
   check(math.isfinite(config.lr), "lr", f"must be finite, got {config.lr}")
   check(math.isfinite(config.wd), "wd", f"must be finite, got {config.wd}")
+=======
+  check(math.isfinite(config.lr) and config.lr >= 0, "lr", f"must be finite and >= 0, got {config.lr}")
+>>>>>>> h24b
   check(config.total_steps >= 0, "total_steps", f"must be >= 0, got {config.total_steps}")
   check(config.total_epochs >= 0, "total_epochs", f"must be >= 0, got {config.total_epochs}")
   check(config.wd >= 0, "wd", f"must be >= 0, got {config.wd}")
@@ -311,6 +317,9 @@ def validate(config: ConfigDict, num_devices: int, process_count: int = 1) -> No
   spike = config.spike_skip
   check(spike.window >= 0, "spike_skip.window", f"must be >= 0 (0 = off), got {spike.window}")
   check(spike.k > 0, "spike_skip.k", f"must be > 0, got {spike.k}")
+  check(spike.get("std_floor", 0.0) >= 0, "spike_skip.std_floor", f"must be >= 0, got {spike.get('std_floor')}")
+  check(config.get("max_consecutive_skips", 0) >= 0, "max_consecutive_skips",
+        f"must be >= 0 (0 = no limit), got {config.get('max_consecutive_skips')}")
   check(spike.min_steps >= 2, "spike_skip.min_steps", f"must be >= 2 (a std needs two losses), got {spike.min_steps}")
 
   from big_vision_lite import sharding  # local import: keep config importable without jax

@@ -76,6 +76,11 @@ def global_norm(tree: Any) -> jax.Array:
                       jnp.float32(0.0)))
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """True where every element of every leaf is finite (no overflow, unlike a norm)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 

@@ -23,10 +23,16 @@ def _restart_command_line() -> int | None:
 
 _restart_checked = False
 if __name__ == "__main__":
+  # First of all, so a SIGTERM/SIGINT during start-up is not lost (main() installs it again).
+  from big_vision_lite import signals as _early_signals
+  _early_signals.install(sys.argv[1:])
   # Before the imports below: they take ~1 s, which a restart in main() would pay twice.
   if (_code := _restart_command_line()) is not None:
     sys.exit(_code)
   _restart_checked = True
+elif __name__ == "__mp_main__":  # a spawned input worker imports this module: signals are the trainer's
+  from big_vision_lite import signals as _early_signals
+  _early_signals.ignore_in_worker()
 
 import argparse
 import dataclasses
@@ -46,10 +52,10 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, config_check, flops, metrics, optim
-from big_vision_lite import pretrained, schedules, sharding
+from big_vision_lite import pretrained, schedules, sharding, signals
 from big_vision_lite import (block_cache, distributed, evaluators, files, host_memory, models, tasks,
                              workdir_lock, xla_options)
-from big_vision_lite.data import ops as pp_ops, pipeline, sources
+from big_vision_lite.data import ops as pp_ops, pipeline, sources, worker_watch
 from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.registry import UnknownNameError
 
@@ -110,8 +116,8 @@ class Setup:
   state_shardings: Any
   abstract_state: Any
   example: dict
-  # Loss guard: {"window", "k", "min_steps"} of config.spike_skip (window 0 = no spike rule).
-  guard: dict = dataclasses.field(default_factory=lambda: dict(window=0, k=6.0, min_steps=20))
+  # Loss guard: {"window", "k", "min_steps", "std_floor"} of config.spike_skip (window 0 = no spike rule).
+  guard: dict = dataclasses.field(default_factory=lambda: dict(window=0, k=6.0, min_steps=20, std_floor=0.1))
 
 
 def init_guard(window: int) -> dict:
@@ -122,7 +128,8 @@ def init_guard(window: int) -> dict:
   """
   return {"losses": jnp.zeros((max(1, window),), jnp.float32), "count": jnp.zeros((), jnp.int32),
           "nonfinite": jnp.zeros((), jnp.int32), "spikes": jnp.zeros((), jnp.int32),
-          "first_nonfinite": jnp.zeros((), jnp.int32)}
+          "first_nonfinite": jnp.zeros((), jnp.int32), "in_a_row": jnp.zeros((), jnp.int32),
+          "most_in_a_row": jnp.zeros((), jnp.int32)}
 
 
 def example_batch(input_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -190,6 +197,7 @@ def build(config: ml_collections.ConfigDict, mesh=None, example: dict | None = N
   repl = sharding.replicated(mesh)
   guard = dict(config.get("spike_skip", None) or dict(window=0, k=6.0, min_steps=20))
   guard["window"] = int(guard["window"])
+  guard.setdefault("std_floor", 0.1)
   state_sh = {
       "params": params_sh,
       "opt_state": sharding.opt_state_shardings(tx, abstract_params, params_sh, mesh),
@@ -250,7 +258,9 @@ def make_train_step(setup: Setup, grad_accum_steps: int):
     grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = jax.tree.map(jnp.add, params, updates)
-    ok, guard = _loss_guard(state["guard"], loss, grad_norm, step, **setup.guard)
+    # Updated params are checked too: a finite loss and gradient can still give inf/NaN params (lr=1e38).
+    ok, guard = _loss_guard(state["guard"], loss, grad_norm, step, params_finite=optim.all_finite(new_params),
+                            **setup.guard)
     # A dropped update leaves params and optimizer state bit-for-bit as they were.
     new_params = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_params, params)
     opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), opt_state, state["opt_state"])
@@ -281,15 +291,18 @@ def _poison_fn(faults: list[tuple[str, int]]):
   return factor
 
 
-def _loss_guard(guard: dict, loss, grad_norm, step, *, window: int, k: float, min_steps: int):
-  """(ok, new guard): ok is False for a non-finite loss/gradient or a loss spike.
+def _loss_guard(guard: dict, loss, grad_norm, step, *, params_finite=True, window: int, k: float,
+                min_steps: int, std_floor: float = 0.0):
+  """(ok, new guard): ok is False for a non-finite loss/gradient/new params or a loss spike.
 
-  Spike: loss > mean + k * std of the last `window` accepted losses (population
-  std), once at least `min_steps` losses were accepted; window=0 disables it.
-  Only accepted losses enter the history.
+  Spike: loss > mean + k * max(std, std_floor * |mean|) over the last `window`
+  accepted losses (population std), once at least `min_steps` losses were
+  accepted; window=0 disables it. The floor keeps a nearly flat window from
+  calling ordinary noise a spike. Only accepted losses enter the history;
+  `in_a_row` / `most_in_a_row` count consecutive skipped updates.
   """
   loss = loss.astype(jnp.float32)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
   hist, count = guard["losses"], guard["count"]
   if window > 0:
     n = jnp.minimum(count, window)
@@ -297,6 +310,7 @@ def _loss_guard(guard: dict, loss, grad_norm, step, *, window: int, k: float, mi
     nf = jnp.maximum(n, 1).astype(jnp.float32)
     mean = jnp.sum(jnp.where(valid, hist, 0.0)) / nf
     std = jnp.sqrt(jnp.sum(jnp.where(valid, (hist - mean) ** 2, 0.0)) / nf)
+    std = jnp.maximum(std, std_floor * jnp.abs(mean))
     spike = finite & (count >= min_steps) & (loss > mean + k * std)
     slot = count % window
     ok = finite & ~spike
@@ -305,11 +319,13 @@ def _loss_guard(guard: dict, loss, grad_norm, step, *, window: int, k: float, mi
     spike = jnp.zeros((), bool)
     ok = finite
   first = guard["first_nonfinite"]
+  in_a_row = jnp.where(ok, 0, guard["in_a_row"] + 1)
   return ok, {
       "losses": hist, "count": count + ok.astype(jnp.int32),
       "nonfinite": guard["nonfinite"] + (~finite).astype(jnp.int32),
       "spikes": guard["spikes"] + spike.astype(jnp.int32),
       "first_nonfinite": jnp.where((first == 0) & ~finite, step + 1, first),
+      "in_a_row": in_a_row, "most_in_a_row": jnp.maximum(guard["most_in_a_row"], in_a_row),
   }
 
 
@@ -399,9 +415,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bo
     files.write_atomic(path, config.to_json_best_effort(indent=2))
 
 
-def _guard_status(state) -> tuple[int, int, int]:
-  g = jax.device_get({k: state["guard"][k] for k in ("nonfinite", "spikes", "first_nonfinite")})
-  return int(g["nonfinite"]), int(g["spikes"]), int(g["first_nonfinite"])
+def _guard_status(state) -> tuple[int, int, int, int]:
+  """(non-finite skips, spike skips, first non-finite step, longest run of consecutive skips)."""
+  keys = ("nonfinite", "spikes", "first_nonfinite", "most_in_a_row")
+  g = jax.device_get({k: state["guard"][k] for k in keys})
+  return tuple(int(g[k]) for k in keys)  # type: ignore[return-value]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
@@ -430,8 +448,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
         os.path.join(workdir, "checkpoints"), save_interval_steps=config.ckpt_steps,
         max_to_keep=config.keep_ckpts or None, keep_period=config.keep_ckpt_steps or None,
         async_save=config.async_checkpoint)
-    checkpoint.install_sigterm_handler()
+    if not signals.installed():
+      checkpoint.install_sigterm_handler()
   state, start_step = _restore_or_init(setup, config, ckpt, train_iter)
+  if ckpt:
+    signals.saving_from_now()
 
   evals = evaluators.get_evaluators(config, task=setup.task, mesh=mesh,
                                     default_batch_size=config.input.batch_size, total_steps=total_steps)
@@ -472,7 +493,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       throughput.tick(start_step, 0)
       for step in range(start_step + 1, total_steps + 1):
-        local = next(train_iter)
+        try:
+          local = worker_watch.next_batch(train_iter)
+        except worker_watch.InputWorkerDied as e:
+          if ckpt and signals.received():  # the group's signal reached a worker still starting up
+            ckpt.save(step - 1, state, train_iter, force=True)
+            ckpt.wait_until_finished()
+            raise Preempted(f"{signals.reason()} at step {step - 1}: checkpoint saved in {ckpt.directory} "
+                            f"({e})") from None
+          raise
         batch = sharding.global_batch(local, mesh)
         state, step_metrics = train_step(state, batch)
         if step == start_step + 1 and is_main:
@@ -506,11 +535,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
             if ckpt.reached_preemption(step):
               ckpt.save(step, state, train_iter, force=True)
               ckpt.wait_until_finished()
-              raise Preempted(f"preempted at step {step}: checkpoint saved in {ckpt.directory}")
+              raise Preempted(f"{signals.reason()} at step {step}: checkpoint saved in {ckpt.directory}")
   except BaseException as e:
     failure = e
     raise
   finally:
+    worker_watch.stop()
     _shut_down(progress, writer, ckpt, failure)
   if is_main and (counters := block_cache.counters()):
     print(f"host memory: {counters}", flush=True)
@@ -601,16 +631,27 @@ def check_bad_fraction(bad: int, read: int, max_fraction: float, step: int) -> N
         f"{max_fraction:g}); the warnings above name them")
 
 
-def _check_guard(config, step: int, status: tuple[int, int, int], reported: tuple[int, int], ckpt,
+def _check_guard(config, step: int, status: tuple[int, int, int, int], reported: tuple[int, int], ckpt,
                  writer, step_metrics, is_main: bool) -> tuple[int, int]:
-  """Stops on a non-finite loss under nan_policy='stop'; logs new skipped updates otherwise."""
-  nonfinite, spikes, first = status
+  """Stops on a non-finite loss under nan_policy='stop' or past config.max_consecutive_skips;
+  logs new skipped updates otherwise."""
+  nonfinite, spikes, first, in_a_row = status
+  limit = config.get("max_consecutive_skips", 0)
+  if limit and in_a_row > limit:
+    writer.write(step, {k: float(v) for k, v in jax.device_get(step_metrics).items()})
+    if ckpt:
+      ckpt.wait_until_finished()
+    raise FloatingPointError(
+        f"{in_a_row} updates in a row were skipped by step {step} (more than "
+        f"config.max_consecutive_skips={limit}; {nonfinite} non-finite, {spikes} spike(s) in all); "
+        f"the last complete checkpoint is step {ckpt.latest_step() if ckpt else None}, saved before "
+        f"or between skips so its parameters are finite (lower config.lr?)")
   if nonfinite and config.nan_policy == "stop":
     writer.write(step, {k: float(v) for k, v in jax.device_get(step_metrics).items()})
     if ckpt:
       ckpt.wait_until_finished()  # so "last complete checkpoint" counts a save still in flight
     raise FloatingPointError(
-        f"loss or gradient not finite at step {first} (nan_policy='stop'); stopped at step {step}; "
+        f"loss, gradient or updated params not finite at step {first} (nan_policy='stop'); stopped at step {step}; "
         f"metrics written; the last complete checkpoint is step {ckpt.latest_step() if ckpt else None} "
         f"(set config.nan_policy='skip' to drop such updates)")
   if (nonfinite, spikes) != tuple(reported):
@@ -651,6 +692,17 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command line: exit 0 done, 75 preempted (SIGTERM), 130 interrupted (SIGINT), 2 config, 1 failure."""
+  # First: a signal during start-up (before any state exists) exits at once with one line.
+  signals.install(sys.argv[1:] if argv is None else argv)
+  try:
+    return _main(argv)
+  finally:
+    if argv is not None:  # an in-process caller gets its handlers back; the CLI keeps ours to the end
+      signals.uninstall()
+
+
+def _main(argv: Sequence[str] | None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   # As the command line does above, for a program that calls main() itself; a caller that
   # passes argv keeps its process as it is.
@@ -681,13 +733,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except Preempted as e:
-    print(str(e), file=sys.stderr)
-    return PREEMPTED_EXIT_CODE
+    print(f"{e}; resume with: {signals.resume_command()}", file=sys.stderr)
+    return signals.exit_code()
   except (config_lib.ConfigError, sharding.MeshError) as e:
     # Found only once the data is read (an epoch count's step count, the first example's shapes).
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except (checkpoint.CheckpointError, UnknownNameError, BadInputError, OSError, FloatingPointError) as e:
+  except (checkpoint.CheckpointError, UnknownNameError, BadInputError, OSError, FloatingPointError,
+          worker_watch.InputWorkerDied) as e:
     # Expected failure modes get one line; anything else keeps its traceback. (grain appends
     # a note about its traceback filtering to errors raised in the input pipeline.)
     print(f"error: {str(e).split(chr(10) + '----------')[0]}", file=sys.stderr)

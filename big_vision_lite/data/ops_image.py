@@ -61,15 +61,32 @@ def resize_array(image: np.ndarray, hw: tuple[int, int], method: Image.Resamplin
   return result[..., 0] if image.ndim == 2 else result
 
 
-def decode_image(value: Any, channels: int = 3, key: str = "image") -> np.ndarray:
-  """Encoded bytes (PNG, JPEG, ...) or an array -> uint8 HxWxC with C = `channels` (1 or 3)."""
+# Default pixel budget per decoded image: PIL's MAX_IMAGE_PIXELS (about 89 megapixels).
+MAX_PIXELS = 89_478_485
+
+
+class _OverBudget(Exception):
+  """An image header claims more pixels than the decode op's budget."""
+
+
+def decode_image(value: Any, channels: int = 3, key: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+  """Encoded bytes (PNG, JPEG, ...) or an array -> uint8 HxWxC with C = `channels` (1 or 3).
+
+  An image of more than `max_pixels` pixels is a bad example, judged from its header
+  before any pixel is decoded (a small file can claim a huge size).
+  """
   if isinstance(value, np.ndarray) and value.dtype.kind in "SO" and value.size == 1:
     value = value.reshape(()).item()  # Bytes wrapped in a 0-d / 1-element array by some sources.
   if isinstance(value, (bytes, bytearray, memoryview)):
     try:
       with Image.open(io.BytesIO(bytes(value))) as img:
+        if img.width * img.height > max_pixels:
+          raise _OverBudget(f"{img.width}x{img.height} = {img.width * img.height} pixels is over the "
+                            f"pixel budget of {max_pixels} (decode(max_pixels=...))")
         # Grayscale, palette, alpha (LA/RGBA/PA), CMYK, 16-bit: all become RGB (or L); alpha is dropped.
         img = img.convert("RGB" if channels == 3 else "L")
+    except _OverBudget as e:
+      raise BadExample(f"decode: image in key {key!r} ({len(value)} bytes): {e}") from None
     except Exception as e:
       why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # no addresses in messages
       raise BadExample(f"cannot decode image in key {key!r} ({len(value)} bytes): {why}") from None
@@ -84,6 +101,9 @@ def decode_image(value: Any, channels: int = 3, key: str = "image") -> np.ndarra
     raise BadExample(f"decode: key {key!r} has shape {image.shape}; expected HxW or HxWx{{1,3,4}}")
   if image.shape[0] == 0 or image.shape[1] == 0:
     raise BadExample(f"decode: key {key!r} holds a zero-size image (shape {image.shape})")
+  if image.shape[0] * image.shape[1] > max_pixels:
+    raise BadExample(f"decode: key {key!r} holds {image.shape[0] * image.shape[1]} pixels, over the "
+                     f"pixel budget of {max_pixels} (decode(max_pixels=...))")
   if image.shape[2] == 4:
     image = image[..., :3]  # Drop alpha rather than composite, like tf.io.decode_image(channels=3).
   if channels == 3 and image.shape[2] == 1:
@@ -94,14 +114,16 @@ def decode_image(value: Any, channels: int = 3, key: str = "image") -> np.ndarra
 
 
 @OPS.register("decode")
-def get_decode(channels: int = 3, key: str = "image") -> Op:
-  """Decodes encoded image bytes (or normalizes an array) to uint8 HxWx`channels`."""
+def get_decode(channels: int = 3, key: str = "image", max_pixels: int = MAX_PIXELS) -> Op:
+  """Decodes encoded image bytes (or normalizes an array) to uint8 HxWx`channels`, within `max_pixels`."""
   if channels not in (1, 3):
     raise ValueError(f"preprocessing op 'decode': channels must be 1 or 3, got {channels!r}")
+  if not isinstance(max_pixels, int) or max_pixels <= 0:
+    raise ValueError(f"preprocessing op 'decode': max_pixels must be a positive int, got {max_pixels!r}")
   def op(example, rng=None):
     # Not `image_op`: np.asarray on bytes would strip trailing NUL bytes from the encoding.
     out = dict(example)
-    out[key] = decode_image(get_key(example, key, "decode"), channels, key)
+    out[key] = decode_image(get_key(example, key, "decode"), channels, key, max_pixels)
     return out
   return op
 

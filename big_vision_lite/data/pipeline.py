@@ -131,6 +131,8 @@ class Preprocess(grain.transforms.RandomMap):
     self._init_counts()
     if multiprocessing.parent_process() is not None:
       _die_with_parent()
+      from big_vision_lite import signals  # pylint: disable=import-outside-toplevel
+      signals.ignore_in_worker()
 
   def random_map(self, element: tuple[int, Any], rng: np.random.Generator) -> dict | None:
     index, example = element
@@ -215,6 +217,7 @@ def make_train_iterator(
   process_index, process_count = _processes(process_index, process_count)
   per_process = _per_process_batch(global_batch_size, process_count, f"{config_key}.batch_size")
   source = sources.get_source(data_config, config_key=f"{config_key}.data")
+  check_skipped_groups(source, bad_examples, max_bad_fraction, _describe(data_config))
   n = len(source)
   if n < process_count:
     raise ConfigError(f"{config_key}: {n} examples cannot be split over {process_count} processes")
@@ -239,6 +242,25 @@ def make_train_iterator(
                                      prefetch_buffer_size=prefetch_buffer_size),
   )
   return iter(loader)
+
+
+def check_skipped_groups(source: Any, bad_examples: str, max_bad_fraction: float, where: str) -> None:
+  """Counts a source's examples dropped when it was indexed (tar groups lacking a member) as bad.
+
+  "error" stops at the first; "skip" warns once with the count and stops past
+  `max_bad_fraction` of all groups (judged over at least MIN_EXAMPLES_FOR_FRACTION).
+  """
+  skipped = int(getattr(source, "skipped", 0) or 0)
+  if not skipped:
+    return
+  total = len(source) + skipped
+  what = f"{skipped} of the {total} example groups of {where} were skipped (first: {source.first_skipped})"
+  if bad_examples == "error":
+    raise BadInputError(f"bad examples: {what} (config.input.bad_examples='error')")
+  if skipped > max_bad_fraction * max(total, MIN_EXAMPLES_FOR_FRACTION):
+    raise BadInputError(f"too many bad examples: {what} (more than config.input.max_bad_fraction="
+                        f"{max_bad_fraction:g})")
+  _log.warning("skipping bad examples: %s", what)
 
 
 def records_read(iterator: Any) -> int | None:

@@ -40,7 +40,8 @@ def _scan(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 class TarSource:
   """Examples with an image member and a caption (.txt) member across `paths` (see module doc).
 
-  Groups lacking an image or a caption are skipped and counted in `skipped`.
+  Groups lacking an image or a caption are skipped, counted in `skipped` and the first
+  described in `first_skipped`; the input pipeline counts them with the bad examples.
   """
 
   def __init__(self, paths: Sequence[str], start: int = 0, stop: int | None = None):
@@ -49,11 +50,16 @@ class TarSource:
       raise ValueError("TarSource needs at least one tar file")
     self._index: list[tuple[int, str, tuple[int, int], tuple[int, int], tuple[int, int] | None]] = []
     self.skipped = 0
+    self.first_skipped = ""
     for shard, path in enumerate(self.paths):
       for key, members in _scan(path):
         image = next((members[e] for e in IMAGE_EXTS if e in members), None)
         if image is None or TEXT_EXT not in members:
           self.skipped += 1
+          if not self.first_skipped:
+            lacks = " and ".join(w for w, miss in (("an image", image is None), ("a caption (.txt)",
+                                                   TEXT_EXT not in members)) if miss)
+            self.first_skipped = f"key {key!r} in {path} lacks {lacks}"
           continue
         self._index.append((shard, key, image, members[TEXT_EXT], members.get("json")))
     n = len(self._index)

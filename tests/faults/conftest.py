@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -29,22 +30,78 @@ def compile_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("xla_cache"))
 
 
+def cli_env(compile_cache, fault=None, devices=2) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COMPILATION_CACHE_DIR=compile_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.pop("BVL_FAULT", None)
+  if fault:
+    env["BVL_FAULT"] = fault
+  return env
+
+
+def cli_cmd(workdir, *extra) -> list:
+  return [sys.executable, "-m", "big_vision_lite.train", "--config", TINY, "--workdir", str(workdir),
+          *COMMON, *extra]
+
+
 @pytest.fixture
 def run_cli(compile_cache):
   """run_cli(workdir, *overrides, fault=None) -> CompletedProcess of `python -m big_vision_lite.train`."""
   def run(workdir, *extra, fault=None, devices=2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=compile_cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env.pop("BVL_FAULT", None)
-    if fault:
-      env["BVL_FAULT"] = fault
-    cmd = [sys.executable, "-m", "big_vision_lite.train", "--config", TINY, "--workdir", str(workdir),
-           *COMMON, *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(cli_cmd(workdir, *extra), env=cli_env(compile_cache, fault, devices),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
   return run
+
+
+@pytest.fixture
+def start_cli(compile_cache):
+  """start_cli(workdir, *overrides, fault=None) -> Popen of the trainer in its own process group."""
+  def start(workdir, *extra, fault=None):
+    return subprocess.Popen(cli_cmd(workdir, *extra), env=cli_env(compile_cache, fault), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  return start
+
+
+def children(pid: int) -> list[int]:
+  """Pids of the live child processes of `pid` (from /proc)."""
+  out = []
+  for d in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{d}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+      continue
+    if d.isdigit() and int(fields[1]) == pid and fields[0] != "Z":
+      out.append(int(d))
+  return sorted(out)
+
+
+def input_workers(pid: int) -> list[int]:
+  """Pids of the trainer's grain worker processes (spawned children; not the resource tracker)."""
+  out = []
+  for child in children(pid):
+    try:
+      with open(f"/proc/{child}/cmdline", "rb") as f:
+        cmd = f.read()
+    except OSError:
+      continue
+    if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+      out.append(child)
+  return out
+
+
+def wait_for_step(workdir, step: int, proc, timeout_s: float = 120) -> None:
+  """Blocks until metrics.jsonl has a row of `step` (or the process ended)."""
+  deadline = time.monotonic() + timeout_s
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.monotonic() < deadline and proc.poll() is None:
+    if os.path.exists(path) and any(json.loads(l).get("step", 0) >= step for l in open(path) if l.strip()):
+      return
+    time.sleep(0.1)
+  raise AssertionError(f"step {step} not reached in {timeout_s} s (returncode {proc.poll()})")
 
 
 def tiny_config(*extra):

@@ -34,9 +34,10 @@ def _same(a, b):
 
 
 def test_nan_skip_and_spike_rule_match_numpy(monkeypatch):
-  window, k, min_steps = 3, 2.0, 2
+  window, k, min_steps, floor = 3, 2.0, 2, 0.1
   config = tiny_config("--config.nan_policy=skip", f"--config.spike_skip.window={window}",
-                       f"--config.spike_skip.k={k}", f"--config.spike_skip.min_steps={min_steps}")
+                       f"--config.spike_skip.k={k}", f"--config.spike_skip.min_steps={min_steps}",
+                       f"--config.spike_skip.std_floor={floor}")
   history, guard = _steps(config, 7, "nan@2,spike@5", monkeypatch)
   accepted, want_spikes = [], 0
   for i, (before, after, m) in enumerate(history, start=1):
@@ -45,7 +46,7 @@ def test_nan_skip_and_spike_rule_match_numpy(monkeypatch):
       ok = False
     else:
       recent = np.array(accepted[-window:], np.float32)
-      spike = len(accepted) >= min_steps and loss > recent.mean() + k * recent.std()
+      spike = len(accepted) >= min_steps and loss > recent.mean() + k * max(recent.std(), floor * abs(recent.mean()))
       want_spikes += spike
       ok = not spike
     if ok:
@@ -64,7 +65,7 @@ def test_nan_stop_exits_1_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, 
   err = capsys.readouterr().err
   assert code == 1
   last = err.strip().splitlines()[-1]
-  assert last.startswith("error: loss or gradient not finite at step 5 (nan_policy='stop'); stopped at step 6")
+  assert last.startswith("error: loss, gradient or updated params not finite at step 5 (nan_policy='stop'); stopped at step 6")
   assert "the last complete checkpoint is step 4" in last
   assert steps_on_disk(tmp_path)[-1] == 4  # no checkpoint of step 6 (after the bad step)
   rows = metric_rows(tmp_path)
