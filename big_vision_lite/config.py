@@ -295,13 +295,9 @@ def validate(config: ConfigDict, num_devices: int, process_count: int = 1) -> No
   check(config.input.num_workers >= 0, "input.num_workers", "must be >= 0")
   check(config.log_training_steps > 0, "log_training_steps", "must be positive")
   check(config.ckpt_steps >= 0, "ckpt_steps", "must be >= 0 (0 disables checkpoints)")
-<<<<<<< HEAD
   check(config.lr >= 0, "lr", f"must be >= 0, got {config.lr}")
   check(math.isfinite(config.lr), "lr", f"must be finite, got {config.lr}")
   check(math.isfinite(config.wd), "wd", f"must be finite, got {config.wd}")
-=======
-  check(math.isfinite(config.lr) and config.lr >= 0, "lr", f"must be finite and >= 0, got {config.lr}")
->>>>>>> h24b
   check(config.total_steps >= 0, "total_steps", f"must be >= 0, got {config.total_steps}")
   check(config.total_epochs >= 0, "total_epochs", f"must be >= 0, got {config.total_epochs}")
   check(config.wd >= 0, "wd", f"must be >= 0, got {config.wd}")

@@ -58,5 +58,5 @@ def test_lr_inf_is_a_config_error(tmp_path, capsys):
                      "--config.lr=inf"])
   err = capsys.readouterr().err
   assert code == 2
-  assert err.strip().splitlines() == ["error: config.lr: must be finite and >= 0, got inf"]
+  assert err.strip().splitlines() == ["error: config.lr: must be finite, got inf"]
   assert not os.path.exists(tmp_path / "checkpoints")
