@@ -11,14 +11,15 @@ encoded image bytes. `write_array_record` writes such files.
 
 from __future__ import annotations
 
-import glob
 import os
+import tempfile
 import types
 from typing import Any, Iterable, Sequence
 
 import ml_collections
 from flax import serialization
 
+from big_vision_lite import storage
 from big_vision_lite.config import ConfigError
 
 BUILTIN = "bvl_shapes"
@@ -53,7 +54,15 @@ class ArrayRecordSource:
 
 
 def write_array_record(path: str, examples: Iterable[dict[str, Any]]) -> int:
-  """Writes `examples` (dicts, see the module doc) as one ArrayRecord file; returns the count."""
+  """Writes `examples` (dicts, see the module doc) as one ArrayRecord file; returns the count.
+
+  A remote `path` (gs://) is written locally first, then uploaded.
+  """
+  if storage.is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="bvl_ar_") as tmp:
+      n = write_array_record(os.path.join(tmp, "part.array_record"), examples)
+      storage.copy(os.path.join(tmp, "part.array_record"), path)
+    return n
   from array_record.python.array_record_module import ArrayRecordWriter
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   # group_size:1 makes each record separately addressable: fast random access.
@@ -76,7 +85,7 @@ def _expand_files(files: str | Sequence[str], key: str) -> list[str]:
     raise ConfigError(f"{key}.files is empty: give a glob pattern or a list of ArrayRecord files")
   paths = []
   for pattern in patterns:
-    matched = sorted(glob.glob(os.path.expanduser(pattern)))
+    matched = storage.glob(pattern)
     if not matched:
       raise FileNotFoundError(f"{key}.files: no file matches {pattern!r}")
     paths.extend(matched)
