@@ -31,9 +31,9 @@ def compile_cache(tmp_path_factory):
 
 @pytest.fixture
 def run_cli(compile_cache):
-  """run_cli(workdir, *overrides, fault=None) -> CompletedProcess of `python -m big_vision_lite.train`."""
-  def run(workdir, *extra, fault=None, devices=2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
+  """run_cli(workdir, *overrides, fault=None, env=None) -> CompletedProcess of `python -m big_vision_lite.train`."""
+  def run(workdir, *extra, fault=None, devices=2, env=None):
+    env = dict(os.environ, **(env or {}), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_COMPILATION_CACHE_DIR=compile_cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
