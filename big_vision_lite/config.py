@@ -380,4 +380,9 @@ def _check_data(data: ConfigDict, key: str) -> None:
   data_dir = data.get("data_dir")
   check(bool(data_dir), f"{key}.data_dir",
         f"required for tfds dataset {name!r} (nothing is downloaded at run time)")
-  check(os.path.isdir(data_dir), f"{key}.data_dir", f"directory {data_dir!r} does not exist")
+  from big_vision_lite import storage  # pylint: disable=import-outside-toplevel
+  try:
+    found = storage.isdir(data_dir)
+  except storage.StorageError as e:
+    raise ConfigError(f"config.{key}.data_dir: {e}") from None
+  check(found, f"{key}.data_dir", f"directory {data_dir!r} does not exist")

@@ -19,6 +19,8 @@ import grain
 import jax
 import numpy as np
 
+from big_vision_lite import storage
+
 log = logging.getLogger("big_vision_lite")
 
 # Seconds. JAX's defaults (100 s heartbeat, 300 s shutdown) let a job whose peer
@@ -163,7 +165,7 @@ def data_state_file(step_dir: Any, process_index: int | None = None,
 
 def has_data_state(step_dir: Any) -> bool:
   """Whether a checkpoint holds iterator state for *this* process layout."""
-  return os.path.exists(data_state_file(step_dir))
+  return storage.exists(data_state_file(step_dir))
 
 
 def seek(data_iter: Any, num_batches: int) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator, Mapping, TextIO
 
 import numpy as np
 
-from big_vision_lite import files, flops as flops_lib
+from big_vision_lite import files, flops as flops_lib, storage
+from big_vision_lite.mirror import Mirror
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -58,25 +59,32 @@ class MetricWriter:
   """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tb/`).
 
   Only the main process should write: pass enabled=False elsewhere and every
-  method does nothing. workdir None also disables writing.
+  method does nothing. workdir None also disables writing. A remote workdir
+  (gs://) is written through a local mirror (see big_vision_lite.mirror),
+  uploaded at most every `sync_s` seconds and at close.
   """
 
-  def __init__(self, workdir: str | None, *, enabled: bool = True):
+  def __init__(self, workdir: str | None, *, enabled: bool = True, sync_s: float = 30.0):
     self.enabled = enabled and workdir is not None
     self.workdir = workdir
-    self.path = os.path.join(workdir, METRICS_FILE) if workdir else None
+    self._mirror: Mirror | None = None
+    if self.enabled and storage.is_remote(workdir):
+      self._mirror = Mirror(workdir, interval_s=sync_s)
+      self._mirror.pull(METRICS_FILE)
+    self._dir = self._mirror.local if self._mirror else workdir
+    self.path = os.path.join(self._dir, METRICS_FILE) if workdir else None
     self._file: TextIO | None = None
     self._tb = None
     self._purge_step: int | None = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      os.makedirs(self._dir, exist_ok=True)
 
   def _tb_writer(self):
     # Opened lazily so truncate_after() can still pass purge_step: TensorBoard
     # then hides the killed run's events after the resume point.
     if self._tb is None:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"),
+      self._tb = SummaryWriter(logdir=os.path.join(self._dir, "tb"),
                                purge_step=self._purge_step)
     return self._tb
 
@@ -104,6 +112,8 @@ class MetricWriter:
       elif arr.size > 1:
         tb.add_histogram(key, arr.ravel(), step)
     tb.flush()
+    if self._mirror:
+      self._mirror.push()
 
   def truncate_after(self, step: int) -> None:
     """Drops lines with a step > `step` (and unreadable ones), for a resumed run.
@@ -141,6 +151,9 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._mirror is not None:
+      self._mirror.close()
+      self._mirror = None
 
   def __enter__(self) -> "MetricWriter":
     return self

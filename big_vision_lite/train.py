@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, config_check, flops, metrics, optim
-from big_vision_lite import pretrained, schedules, sharding, signals
+from big_vision_lite import pretrained, schedules, sharding, signals, storage
 from big_vision_lite import (block_cache, distributed, evaluators, files, host_memory, models, tasks,
                              workdir_lock, xla_options)
 from big_vision_lite.data import ops as pp_ops, pipeline, sources, worker_watch
@@ -353,7 +353,8 @@ def _restore_or_init(setup: Setup, config, ckpt: checkpoint.Checkpointer | None,
       if jax.process_index() == 0:
         print(f"resumed from step {step} (checkpoint {ckpt.step_path(step)})", flush=True)
       return state, step
-    unusable = sorted(p.name for p in ckpt.directory.iterdir() if ".unusable-" in p.name)
+    unusable = sorted(p.name for p in ckpt.directory.iterdir() if ".unusable-" in p.name) \
+        if ckpt.directory.is_dir() else []  # an object store has no empty folders
     if unusable:
       raise checkpoint.CheckpointError(
           f"no usable checkpoint in {ckpt.directory} (set aside: {', '.join(unusable)}); refusing to "
@@ -383,25 +384,24 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bo
   unless config.allow_config_change. `overwrite` moves the previous run's files
   into `<workdir>/overwritten-<unix time>/` (nothing is deleted) and starts afresh.
   """
-  path = os.path.join(workdir, "config.json")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  has_run = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
+  path = storage.join(workdir, "config.json")
+  ckpt_dir = storage.join(workdir, "checkpoints")
+  has_run = storage.isdir(ckpt_dir) and bool(storage.listdir(ckpt_dir))
   is_main = jax.process_index() == 0
   if overwrite:
     old = [n for n in ("checkpoints", "metrics.jsonl", "tb", "config.json")
-           if os.path.exists(os.path.join(workdir, n))]
+           if storage.exists(storage.join(workdir, n))]
     if old and is_main:
-      backup = os.path.join(workdir, f"overwritten-{int(time.time())}")
-      os.makedirs(backup)
+      backup = storage.join(workdir, f"overwritten-{int(time.time())}")
+      storage.makedirs(backup, exist_ok=False)
       for n in old:
-        os.rename(os.path.join(workdir, n), os.path.join(backup, n))
+        storage.rename(storage.join(workdir, n), storage.join(backup, n))
       print(f"--overwrite: moved the previous run's {', '.join(old)} to {backup}", file=sys.stderr, flush=True)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices("big_vision_lite_overwrite")
-  elif has_run and os.path.exists(path) and not config.allow_config_change:
-    with open(path) as f:
-      saved = json.load(f)
+  elif has_run and storage.exists(path) and not config.allow_config_change:
+    saved = json.loads(storage.read_text(path))
     changes = config_lib.config_changes(saved, json.loads(config.to_json_best_effort()))
     if changes:
       raise config_lib.ConfigError(
@@ -409,7 +409,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bo
           f"{'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''}); use the same config, "
           f"--config.allow_config_change=True to resume anyway, or --overwrite to start over")
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     # The other processes read this file above at the same time; rewritten in place
     # they could read it truncated, as an empty (unparseable) config.
     files.write_atomic(path, config.to_json_best_effort(indent=2))

@@ -8,7 +8,7 @@
 #
 # Steps (each can be run alone with --only STEP, e.g. to re-run training on a live VM):
 #   create  gcloud compute tpus tpu-vm create (or queued-resources create with --queued)
-#   copy    tar this checkout, scp it to every worker, pip install -e '.[tpu]' there
+#   copy    tar this checkout, scp it to every worker, pip install -e '.[tpu,gcs]' there
 #   train   ssh --worker=all: python -m big_vision_lite.train ... on every host at once;
 #           BVL_DISTRIBUTED=1 makes each call jax.distributed.initialize() (TPU auto-detect)
 #   delete  gcloud compute tpus tpu-vm delete (skipped with --keep)
@@ -93,7 +93,7 @@ step_copy() {
     --exclude=__pycache__ big_vision_lite configs launch pyproject.toml README.md
   run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:/tmp/bvl-src.tar.gz" --worker=all "${COMMON[@]}"
   run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${COMMON[@]}" --command \
-    "mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/bvl-src.tar.gz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR && pip install -q -e '.[tpu]'"
+    "mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/bvl-src.tar.gz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR && pip install -q -e '.[tpu,gcs]'"
 }
 
 step_train() {

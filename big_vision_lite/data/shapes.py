@@ -23,6 +23,8 @@ from PIL import Image, ImageDraw
 
 import tensorflow_datasets as tfds
 
+from big_vision_lite import storage
+
 NAME = "bvl_shapes"
 IMAGE_SIZE = 64
 NUM_TRAIN = 20_000
@@ -247,6 +249,11 @@ def ensure_built(data_dir: str | None = None, config: str = "default") -> str:
   cut off halfway is never taken as the dataset. A file lock makes concurrent
   callers (several processes or tests) wait for one builder.
   """
+  if data_dir and storage.is_remote(data_dir):  # read there, never built there
+    if BvlShapes(config=config, data_dir=data_dir).is_prepared():
+      return data_dir
+    raise FileNotFoundError(f"{NAME}/{config} is not prepared in {data_dir}: build it into a local data_dir "
+                            f"and copy that folder there (docs/storage.md)")
   data_dir = os.path.abspath(data_dir or default_data_dir())
   builder = BvlShapes(config=config, data_dir=data_dir)
   if builder.is_prepared():

@@ -12,9 +12,9 @@ encoded image bytes. `write_array_record` writes such files; bvl-make-dataset
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
+import tempfile
 import types
 from typing import Any, Iterable, Sequence
 
@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
+from big_vision_lite import storage
 from big_vision_lite.config import ConfigError
 from big_vision_lite.data import dataset_info
 
@@ -59,7 +60,15 @@ class ArrayRecordSource:
 
 
 def write_array_record(path: str, examples: Iterable[dict[str, Any]]) -> int:
-  """Writes `examples` (dicts, see the module doc) as one ArrayRecord file; returns the count."""
+  """Writes `examples` (dicts, see the module doc) as one ArrayRecord file; returns the count.
+
+  A remote `path` (gs://) is written locally first, then uploaded.
+  """
+  if storage.is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="bvl_ar_") as tmp:
+      n = write_array_record(os.path.join(tmp, "part.array_record"), examples)
+      storage.copy(os.path.join(tmp, "part.array_record"), path)
+    return n
   from array_record.python.array_record_module import ArrayRecordWriter
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   # group_size:1 makes each record separately addressable: fast random access.
@@ -82,7 +91,7 @@ def _expand_files(files: str | Sequence[str], key: str) -> list[str]:
     raise ConfigError(f"{key}.files is empty: give a glob pattern or a list of ArrayRecord files")
   paths = []
   for pattern in patterns:
-    matched = sorted(glob.glob(os.path.expanduser(pattern)))
+    matched = storage.glob(pattern)
     if not matched:
       raise FileNotFoundError(f"{key}.files: no file matches {pattern!r}")
     paths.extend(matched)

@@ -13,6 +13,8 @@ import os
 import tarfile
 from typing import Any, Sequence
 
+from big_vision_lite import storage
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
 
@@ -21,7 +23,7 @@ def _scan(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
   """[(key, {ext: (offset, size)})] in file order for one tar shard."""
   groups: dict[str, dict[str, tuple[int, int]]] = {}
   try:
-    with tarfile.open(path, "r:") as tar:  # uncompressed only: compressed tars cannot seek
+    with storage.open_file(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:  # uncompressed only: compressed tars cannot seek
       for m in tar:
         if not m.isfile():
           continue
@@ -74,7 +76,7 @@ class TarSource:
     if not 0 <= index < len(self):
       raise IndexError(f"example {index} out of range (0..{len(self) - 1})")
     shard, key, image, text, js = self._index[self.start + index]
-    with open(self.paths[shard], "rb") as f:
+    with storage.open_file(self.paths[shard], "rb") as f:
       def read(span):
         f.seek(span[0])
         return f.read(span[1])

@@ -49,10 +49,11 @@ def cli_cmd(workdir, *extra) -> list:
 
 @pytest.fixture
 def run_cli(compile_cache):
-  """run_cli(workdir, *overrides, fault=None) -> CompletedProcess of `python -m big_vision_lite.train`."""
-  def run(workdir, *extra, fault=None, devices=2):
-    return subprocess.run(cli_cmd(workdir, *extra), env=cli_env(compile_cache, fault, devices),
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+  """run_cli(workdir, *overrides, fault=None, env=None) -> CompletedProcess of `python -m big_vision_lite.train`."""
+  def run(workdir, *extra, fault=None, devices=2, env=None):
+    full_env = dict(cli_env(compile_cache, fault, devices), **(env or {}))
+    return subprocess.run(cli_cmd(workdir, *extra), env=full_env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
   return run
 
 
