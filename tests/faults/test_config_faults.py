@@ -87,3 +87,16 @@ def test_config_json_is_replaced_never_rewritten_in_place(tmp_path):
   assert os.stat(tmp_path / "config.json").st_ino != before
   assert json.load(open(tmp_path / "config.json"))["total_steps"] == 50
   assert sorted(n for n in os.listdir(tmp_path) if n.startswith("config")) == ["config.json"]
+
+
+@pytest.mark.parametrize("arg", ["--config.model.poool_type=map", "--config.model.pool_type=gapp",
+                                 "--config.schedule.warmup_steps=50", "--config.input.pp=decode|resize(0)"])
+def test_config_error_comes_before_the_dataset_is_built_or_the_workdir_written(arg, tmp_path, capsys):
+  # A fresh machine: no built-in dataset yet. The config error must come first, in one line,
+  # not after tfds' build progress (nor with a workdir left behind).
+  data_dir, workdir = tmp_path / "data", tmp_path / "run"
+  got = train.main(["--config", os.path.join(ROOT, TINY), "--workdir", str(workdir), *COMMON,
+                    f"--config.input.data.data_dir={data_dir}", arg])
+  err = capsys.readouterr().err.strip()
+  assert got == 2 and len(err.splitlines()) == 1 and err.startswith("error: config."), err
+  assert not data_dir.exists() and not workdir.exists()
