@@ -8,7 +8,7 @@
 # XLA_FLAGS: latency-hiding scheduler and Triton GEMMs, the usual JAX-on-GPU settings;
 #   anything already in XLA_FLAGS is kept and comes last, so it wins.
 # CUDA_VISIBLE_DEVICES picks the GPUs; all visible GPUs form one mesh in one process.
-# Needs jax with CUDA (pip install -U "jax[cuda12]==0.10.2"). DRY_RUN=1 prints the command.
+# Needs jax with CUDA: pip install -e ".[cuda]" (checked before training). DRY_RUN=1 prints the command.
 set -euo pipefail
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=true ${XLA_FLAGS:-}"
@@ -17,4 +17,9 @@ unset BVL_DISTRIBUTED
 CMD=("${PYTHON:-python}" -m big_vision_lite.train "$@")
 echo "+ XLA_PYTHON_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION XLA_FLAGS='$XLA_FLAGS' JAX_PLATFORMS=$JAX_PLATFORMS$(printf ' %q' "${CMD[@]}")"
 if [[ "${DRY_RUN:-0}" == 1 ]]; then exit 0; fi
+# One line, not an AssertionError deep in JAX, when this jax has no CUDA backend or sees no GPU.
+if ! "${PYTHON:-python}" -c "import jax, sys; sys.exit(0 if jax.devices('gpu') else 1)" >/dev/null 2>&1; then
+  echo "error: jax finds no GPU here: install the CUDA build with pip install -e \".[cuda]\" (or check CUDA_VISIBLE_DEVICES / nvidia-smi)" >&2
+  exit 2
+fi
 exec "${CMD[@]}"

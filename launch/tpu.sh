@@ -8,7 +8,8 @@
 #
 # Steps (each can be run alone with --only STEP, e.g. to re-run training on a live VM):
 #   create  gcloud compute tpus tpu-vm create (or queued-resources create with --queued)
-#   copy    tar this checkout, scp it to every worker, pip install -e '.[tpu,gcs]' there
+#   copy    tar this checkout, scp it to every worker, pip install -e '.[tpu,gcs]' there into a
+#           Python 3.11 venv (~/bvl-venv; the images' system Python is older)
 #   train   ssh --worker=all: python -m big_vision_lite.train ... on every host at once;
 #           BVL_DISTRIBUTED=1 makes each call jax.distributed.initialize() (TPU auto-detect)
 #   delete  gcloud compute tpus tpu-vm delete (skipped with --keep)
@@ -86,6 +87,11 @@ step_create() {
   fi
 }
 
+# TPU VM images ship an older system Python (Ubuntu 22.04: 3.10) than the project needs (>= 3.11),
+# and their system pip would install into the image: a venv of Python 3.11, apt-installed if missing.
+VENV='~/bvl-venv'
+VENV_SETUP="(command -v python3.11 >/dev/null || (sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv)) && (test -x $VENV/bin/python || python3.11 -m venv $VENV)"
+
 step_copy() {
   local root
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -93,12 +99,12 @@ step_copy() {
     --exclude=__pycache__ big_vision_lite configs launch pyproject.toml README.md
   run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:/tmp/bvl-src.tar.gz" --worker=all "${COMMON[@]}"
   run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${COMMON[@]}" --command \
-    "mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/bvl-src.tar.gz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR && pip install -q -e '.[tpu,gcs]'"
+    "mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/bvl-src.tar.gz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR && $VENV_SETUP && $VENV/bin/pip install -q -e '.[tpu,gcs]'"
 }
 
 step_train() {
   local cmd
-  cmd="cd ~/$REMOTE_DIR && BVL_DISTRIBUTED=1 python -m big_vision_lite.train"
+  cmd="cd ~/$REMOTE_DIR && BVL_DISTRIBUTED=1 $VENV/bin/python -m big_vision_lite.train"
   cmd+="$(printf ' %q' "${TRAIN_ARGS[@]}")"
   printf '+'; printf ' %q' gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${COMMON[@]}" --command "$cmd"
   printf ' 2>&1 | tee logs/%s.log\n' "$NAME"

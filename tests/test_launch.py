@@ -35,7 +35,7 @@ def test_tpu_dry_run_prints_the_whole_flow():
   assert "--worker=all" in scp and "--worker=all" in install and "--worker=all" in train
   assert "pip install" in install[install.index("--command") + 1]
   remote = train[train.index("--command") + 1]
-  assert "BVL_DISTRIBUTED=1 python -m big_vision_lite.train" in remote
+  assert "BVL_DISTRIBUTED=1 ~/bvl-venv/bin/python -m big_vision_lite.train" in remote
   assert shlex.split(remote.split("big_vision_lite.train", 1)[1]) == TRAIN
   assert delete[5] == "bvl-test" and "--quiet" in delete
   assert not os.path.exists(os.path.join(ROOT, "logs", "bvl-test.log"))  # nothing ran
@@ -68,11 +68,40 @@ def test_gpu_script_sets_memory_fraction_and_flags():
   assert "-m big_vision_lite.train --config configs/vit_shapes.py" in r.stdout
 
 
+def test_gpu_script_without_a_gpu_is_one_line_naming_the_cuda_extra():
+  # This machine's jax has no CUDA backend: what a user with a CPU-only install sees.
+  r = sh("bash", "launch/gpu.sh", "--config", "configs/vit_shapes.py", env={"PYTHON": sys.executable})
+  err = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and err[-1].startswith("error: jax finds no GPU") and '".[cuda]"' in err[-1], r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_cuda_extra_pins_the_jax_cuda_build_of_the_pinned_jax():
+  import tomllib
+  project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
+  jax_pin = next(d for d in project["dependencies"] if d.startswith("jax=="))
+  assert project["optional-dependencies"]["cuda"] == [f"jax[cuda12]=={jax_pin.split('==')[1]}"]
+  assert "libtpu" in project["optional-dependencies"]["tpu"][0]
+
+
+def test_tpu_workers_install_into_a_supported_python_venv():
+  r = sh("bash", "launch/tpu.sh", "--name", "n", "--zone", "z", "--type", "v5litepod-16", "--dry-run", "--", *TRAIN)
+  ssh = [c for c in commands(r.stdout) if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
+  install = ssh[0][-1]
+  train_cmd = next(a for a in ssh[1] if "big_vision_lite.train" in a)
+  assert "python3.11 -m venv ~/bvl-venv" in install and "~/bvl-venv/bin/pip install" in install
+  assert " pip install" not in install.replace("~/bvl-venv/bin/pip install", "")  # never the system pip
+  assert "~/bvl-venv/bin/python -m big_vision_lite.train" in train_cmd
+
+
 def test_slurm_script_is_valid_bash_and_one_task_per_gpu():
   assert sh("bash", "-n", "launch/slurm.sbatch").returncode == 0
   text = open(os.path.join(ROOT, "launch", "slurm.sbatch")).read()
   assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
   assert "srun" in text and "big_vision_lite.train" in text
+  # SLURM opens --output before the script runs: a folder there would have to exist already.
+  output = next(line for line in text.splitlines() if line.startswith("#SBATCH --output="))
+  assert "/" not in output.split("=", 1)[1], output
 
 
 def test_local_multiprocess_rejects_bad_count():
