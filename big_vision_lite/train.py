@@ -541,7 +541,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     raise
   finally:
     worker_watch.stop()
-    _shut_down(progress, writer, ckpt, failure)
+    try:
+      _shut_down(progress, writer, ckpt, failure)
+    finally:
+      # After the checkpointer's last save (which reads the iterator's state), before any exit:
+      # see pipeline.close_iterator. A failure to close is no reason to hide the run's own outcome.
+      try:
+        pipeline.close_iterator(train_iter)
+      except Exception as e:  # noqa: BLE001
+        log.info("also failed while stopping the input workers: %s: %s", type(e).__name__, e)
   if is_main and (counters := block_cache.counters()):
     print(f"host memory: {counters}", flush=True)
   return last

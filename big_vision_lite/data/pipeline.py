@@ -244,6 +244,23 @@ def make_train_iterator(
   return iter(loader)
 
 
+def close_iterator(iterator: Any) -> None:
+  """Stops a train iterator's input workers now, from the calling (main) thread; idempotent.
+
+  Needed before the interpreter exits: left open, grain 0.2.x closes it from a multiprocessing
+  finalizer (exitpriority 1) that runs after those of its own queues (exitpriority 10). On a
+  resumed run set_state() has put() on each worker's set-state queue, so that queue's feeder
+  thread, told to quit by its finalizer, closes the queue's reader, and grain's close then raises
+  "OSError: handle is closed" while draining it (a traceback on stderr from multiprocessing/util.py
+  _run_finalizers, then again from each iterator's __del__) and stops before unlinking the shared
+  memory of the batches still queued. Racy: it needs the feeder thread to run in between.
+  """
+  inner = getattr(iterator, "_iterator", iterator)  # grain.DataLoaderIterator has no close() of its own
+  close = getattr(inner, "close", None)
+  if callable(close):
+    close()
+
+
 def check_skipped_groups(source: Any, bad_examples: str, max_bad_fraction: float, where: str) -> None:
   """Counts a source's examples dropped when it was indexed (tar groups lacking a member) as bad.
 
