@@ -151,3 +151,29 @@ def local_dir(path: str) -> Iterator[str]:
   with tempfile.TemporaryDirectory(prefix="bvl_stage_") as tmp:
     yield tmp
     upload_tree(tmp, path)
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+  """A local path holding what `path` holds: `path` itself (`~` expanded), or a temporary download.
+
+  For readers that only take a local path (safetensors, timm/open_clip folders, tensorstore's file
+  driver). A remote folder is downloaded whole; the copy is deleted on exit.
+  """
+  if not is_remote(path):
+    yield os.path.expanduser(os.fspath(path))
+    return
+  with tempfile.TemporaryDirectory(prefix="bvl_fetch_") as tmp:
+    dst = os.path.join(tmp, os.fspath(path).rstrip("/").rsplit("/", 1)[-1] or "data")
+    if isdir(path):
+      scheme, base = os.fspath(path).rstrip("/").split("://", 1)
+      # fsspec-backed walks name their folders without the scheme ('bucket/dir'): paths are rebuilt.
+      rels = _remote(lambda: [f"{os.fspath(r).split('://', 1)[-1]}/{n}"[len(base) + 1:]
+                              for r, _, names in as_path(path).walk() for n in names], path)
+      for rel in rels:
+        local = os.path.join(dst, *rel.split("/"))
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        copy(f"{scheme}://{base}/{rel}", local)
+    else:
+      copy(path, dst)
+    yield dst

@@ -9,11 +9,13 @@ The result is a flat .npz that `config.model_init` loads.
 
 from __future__ import annotations
 
+import io
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
+from big_vision_lite import storage
 from big_vision_lite.convert import tables
 from big_vision_lite.convert.tables import ConversionError, Table
 from big_vision_lite.convert.vit import VitSpec, spec_from_params
@@ -34,7 +36,7 @@ _LEGACY = [
 def read_npz(path: str) -> dict[str, np.ndarray]:
   """Flat {'a/b': array} of a big_vision .npz ('params/' prefix stripped, 'opt/' ignored)."""
   try:
-    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+    with storage.open_file(path, "rb") as f, np.load(f, allow_pickle=False) as z:
       flat = {k: np.asarray(z[k]) for k in z.files}
   except Exception as e:  # noqa: BLE001 - zipfile/numpy raise many types.
     raise ConversionError(f"cannot read {path}: {type(e).__name__}: {e}") from e
@@ -108,15 +110,21 @@ def import_vit(flat: Mapping[str, np.ndarray], *, prefix: str = "", pool_type: s
 
 
 def save_npz(flat: Mapping[str, Any], path: str) -> None:
+  arrays = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+  if storage.is_remote(path):  # zip in memory, then one upload (object stores cannot seek back)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with storage.open_file(path, "wb") as f:
+      f.write(buf.getvalue())
+    return
   with open(path, "wb") as f:
-    np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+    np.savez(f, **arrays)
 
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
   """A big_vision .npz file or tensorstore checkpoint (step folder or prefix with -LAST) -> flat params."""
-  import os
   from big_vision_lite.convert import tensorstore_ckpt
-  if os.path.isfile(path):
+  if storage.exists(path) and not storage.isdir(path):
     return read_npz(path)
   if tensorstore_ckpt.is_checkpoint(path):
     return tensorstore_ckpt.read(path)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from big_vision_lite import storage
 from big_vision_lite.convert import tables, towers
 from big_vision_lite.convert.tables import ConversionError, Table
 from big_vision_lite.convert.vit import ENC
@@ -200,7 +201,10 @@ def write_tokenizer(out: str, model: str, max_len: int) -> tuple[dict[str, int],
     notes.append(f"tokenizer: word-level (tokenizer.json), call with padding='max_length', max_length={max_len}; "
                  "texts longer than max_len keep their <eos> (our eos='sticky')")
   else:
-    shutil.copyfile(os.path.expanduser(model), os.path.join(out, "spiece.model"))
+    if storage.is_remote(model):
+      storage.copy(model, os.path.join(out, "spiece.model"))
+    else:
+      shutil.copyfile(os.path.expanduser(model), os.path.join(out, "spiece.model"))
     st = transformers.SiglipTokenizer(
         vocab_file=os.path.join(out, "spiece.model"), model_max_length=max_len,
         eos_token=tok.sp.id_to_piece(tok.eos_id), pad_token=tok.sp.id_to_piece(tok.pad_id),

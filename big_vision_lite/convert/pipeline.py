@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from big_vision_lite import storage
 from big_vision_lite.convert import bigvision, tables, timm_vit, towers
 from big_vision_lite.convert import vit as cv
 from big_vision_lite.convert.tables import ConversionError
@@ -20,15 +22,14 @@ ATOL = 1e-4  # What the transformers converters assert in fp32.
 def read_run(workdir: str, step: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(the run's config.json as a dict, flat params of `step` or the latest complete step)."""
   from big_vision_lite import pretrained
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(cfg_path):
+  cfg_path = storage.join(workdir, "config.json")
+  if not storage.exists(cfg_path):
     raise ConversionError(f"{cfg_path} does not exist (the trainer writes it): is {workdir} a workdir?")
-  with open(cfg_path) as f:
-    config = json.load(f)
-  path = workdir if step is None else os.path.join(workdir, "checkpoints", str(step))
-  if step is not None and not os.path.isdir(path):
-    have = sorted(os.listdir(os.path.join(workdir, "checkpoints"))) if os.path.isdir(
-        os.path.join(workdir, "checkpoints")) else []
+  config = json.loads(storage.read_text(cfg_path))
+  path = workdir if step is None else storage.join(workdir, "checkpoints", str(step))
+  if step is not None and not storage.isdir(path):
+    have = sorted(storage.listdir(storage.join(workdir, "checkpoints"))) if storage.isdir(
+        storage.join(workdir, "checkpoints")) else []
     raise ConversionError(f"no checkpoint for step {step}: {path} does not exist (have: {have})")
   return config, pretrained.read_params(path)
 
@@ -88,7 +89,38 @@ def export_run(workdir: str, out: str, *, to: str = "timm", step: int | None = N
   """Exports a run's checkpoint to `to`; returns {'out', 'max_abs_diff' (if verified), ...}."""
   if to not in TARGETS:
     raise ConversionError(f"unknown target {to!r} (this build supports: {', '.join(TARGETS)})")
-  config, flat = read_run(workdir, step)
+  try:
+    config, flat = read_run(workdir, step)
+  except storage.StorageError as e:
+    raise ConversionError(str(e)) from None
+  # A remote --out (gs://...): written and verified in a local staging folder, uploaded only
+  # when everything passed. A local --out is written in place, as before.
+  with _staged(out) as local:
+    result = _export_run(config, flat, workdir, local, to=to, subtree=subtree, image_size=image_size,
+                         verify=verify, atol=atol, log=log)
+  if local != out:
+    result["out"] = out
+    log(f"uploaded to {out}")
+    if to == "open_clip":
+      log(f"note: open_clip_config.json names the vision trunk by the local staging path ({local}/timm, now "
+          "deleted): after downloading the folder, set vision_cfg.timm_model_name to local-dir:<its timm folder>")
+  return result
+
+
+@contextlib.contextmanager
+def _staged(out: str):
+  if not storage.is_remote(out):
+    yield out
+    return
+  try:
+    with storage.local_dir(out) as local:
+      yield local
+  except storage.StorageError as e:
+    raise ConversionError(f"cannot upload the export: {e}") from None
+
+
+def _export_run(config, flat, workdir: str, out: str, *, to: str, subtree: str | None,
+                image_size: int | None, verify: bool, atol: float, log) -> dict[str, Any]:
   if to in ("transformers", "open_clip"):
     return export_towers(config, flat, out, to=to, image_size=image_size, verify=verify, atol=atol,
                          log=log, what=workdir)
@@ -169,6 +201,19 @@ def import_file(src: str, out: str, *, kind: str = "bigvision", scan: bool | Non
 
   `image_size` is needed for a sincos2d posemb, whose grid the params do not hold.
   """
+  if kind not in ("bigvision", "timm"):
+    raise ConversionError(f"unknown import kind {kind!r} (bigvision, timm)")
+  try:
+    # timm folders are read by safetensors and timm from a local path: a remote one is downloaded.
+    with (storage.local_copy(src) if kind == "timm" else contextlib.nullcontext(src)) as local_src:
+      return _import_file(local_src, out, kind=kind, scan=scan, subtree=subtree, pool_type=pool_type,
+                          image_size=image_size, verify=verify, log=log)
+  except storage.StorageError as e:
+    raise ConversionError(str(e)) from None
+
+
+def _import_file(src: str, out: str, *, kind: str, scan: bool | None, subtree: str, pool_type: str | None,
+                 image_size: int | None, verify: bool, log) -> dict[str, Any]:
   prefix = subtree.rstrip("/") + "/" if subtree else ""
   if kind == "bigvision":
     flat = bigvision.read_checkpoint(src)

@@ -12,19 +12,19 @@ import os
 
 import numpy as np
 
+from big_vision_lite import storage
 from big_vision_lite.convert.tables import ConversionError
 
 
 def resolve(path: str) -> str:
   """The step folder: `path` itself if it holds arrays, else the folder its `-LAST` file names."""
   path = path.rstrip("/")
-  if os.path.isdir(path) and any("~" in n or _is_array(os.path.join(path, n)) for n in os.listdir(path)):
+  if storage.isdir(path) and any("~" in n or _is_array(storage.join(path, n)) for n in storage.listdir(path)):
     return path
   last = f"{path}-LAST"
-  if os.path.isfile(last):
-    with open(last) as f:
-      step_dir = f"{path}-{f.read().strip()}"
-    if not os.path.isdir(step_dir):
+  if storage.exists(last) and not storage.isdir(last):
+    step_dir = f"{path}-{storage.read_text(last).strip()}"
+    if not storage.isdir(step_dir):
       raise ConversionError(f"{last} names {step_dir}, which does not exist")
     return step_dir
   raise ConversionError(f"{path}: not a big_vision tensorstore checkpoint (no array folders like "
@@ -32,7 +32,7 @@ def resolve(path: str) -> str:
 
 
 def _is_array(d: str) -> bool:
-  return os.path.isfile(os.path.join(d, ".zarray")) or os.path.isfile(os.path.join(d, "zarr.json"))
+  return storage.exists(storage.join(d, ".zarray")) or storage.exists(storage.join(d, "zarr.json"))
 
 
 def is_checkpoint(path: str) -> bool:
@@ -51,6 +51,17 @@ def read(path: str) -> dict[str, np.ndarray]:
     raise ConversionError("reading tensorstore checkpoints needs the tensorstore package "
                           "(pip install tensorstore)") from e
   step_dir = resolve(path)
+  if storage.is_remote(step_dir):
+    # Read through a local download (tensorstore's file driver), the same code as local checkpoints.
+    try:
+      with storage.local_copy(step_dir) as local:
+        return _read_step_dir(ts, local)
+    except storage.StorageError as e:
+      raise ConversionError(str(e)) from None
+  return _read_step_dir(ts, step_dir)
+
+
+def _read_step_dir(ts, step_dir: str) -> dict[str, np.ndarray]:
   flat = {}
   for name in sorted(os.listdir(step_dir)):
     d = os.path.join(step_dir, name)

@@ -11,11 +11,20 @@ import os
 import re
 from typing import Sequence
 
+from big_vision_lite import storage
+
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 SHAPES_VOCAB = os.path.join(ASSETS, "bvl_shapes_vocab.txt")
 # Extra words so common prompt templates ("a photo of a {}") stay in-vocabulary.
 _TEMPLATE_WORDS = ("photo", "of", "picture", "image", "shape", "drawing", "this", "is", "an")
 _WORD = re.compile(r"[a-z0-9]+")
+
+
+def _isfile(path: str) -> bool:
+  """os.path.isfile, also for gs:// and other storage paths."""
+  if not storage.is_remote(path):
+    return os.path.isfile(path)
+  return storage.exists(path) and not storage.isdir(path)
 
 
 class Tokenizer:
@@ -38,9 +47,9 @@ class WordTokenizer(Tokenizer):
   """
 
   def __init__(self, vocab_file: str):
-    if not os.path.isfile(vocab_file):
+    if not _isfile(vocab_file):
       raise FileNotFoundError(f"tokenizer vocab file {vocab_file!r} does not exist")
-    with open(vocab_file, encoding="utf-8") as f:
+    with storage.open_file(vocab_file) as f:
       self.words = [w.strip() for w in f if w.strip()]
     if self.words[:3] != ["<pad>", "<eos>", "<unk>"]:
       raise ValueError(f"{vocab_file}: must start with the lines <pad>, <eos>, <unk>")
@@ -67,9 +76,13 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, model_file: str):
     import sentencepiece as spm  # Lazy: only sentencepiece users need the package.
-    if not os.path.isfile(model_file):
+    if not _isfile(model_file):
       raise FileNotFoundError(f"sentencepiece model {model_file!r} does not exist")
-    self.sp = spm.SentencePieceProcessor(model_file=model_file)
+    if storage.is_remote(model_file):  # sentencepiece reads local files; it also takes the bytes
+      with storage.open_file(model_file, "rb") as f:
+        self.sp = spm.SentencePieceProcessor(model_proto=f.read())
+    else:
+      self.sp = spm.SentencePieceProcessor(model_file=model_file)
     self.vocab_size = self.sp.get_piece_size()
     self.eos_id = self.sp.eos_id()
     # Models trained without a pad piece report -1; big_vision pads with 0 then.
@@ -135,7 +148,7 @@ def get_tokenizer(model: str) -> Tokenizer:
   path = os.path.expanduser(model)
   if path.endswith(".txt"):
     return WordTokenizer(path)
-  if path.endswith(".model") or os.path.isfile(path):
+  if path.endswith(".model") or _isfile(path):
     return SentencePieceTokenizer(path)
-  raise ValueError(f"unknown tokenizer {model!r}: use 'bvl_shapes', a local sentencepiece .model "
-                   "file or a word-per-line .txt vocabulary (nothing is downloaded)")
+  raise ValueError(f"unknown tokenizer {model!r}: use 'bvl_shapes', a sentencepiece .model "
+                   "file or a word-per-line .txt vocabulary (local or gs://) (nothing is downloaded)")

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from big_vision_lite import sharding
+from big_vision_lite import sharding, storage
 from big_vision_lite.config import ConfigError
 from big_vision_lite.data import pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
@@ -73,9 +73,19 @@ class CaptionSamplesEvaluator(Evaluator):
                                                            for r in scored]))
     out_dir = getattr(self, "workdir", None) or self.out_dir
     if out_dir and jax.process_index() == 0:
-      os.makedirs(out_dir, exist_ok=True)
-      with open(os.path.join(out_dir, f"{self.name}.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-      with open(os.path.join(out_dir, f"{self.name}.jsonl"), "a") as f:
-        f.write(json.dumps({"run": self.runs, **result, "samples": rows[:8]}) + "\n")
+      line = json.dumps({"run": self.runs, **result, "samples": rows[:8]}) + "\n"
+      if storage.is_remote(out_dir):
+        # Object stores cannot append: the (small) history file is rewritten whole.
+        with storage.open_file(storage.join(out_dir, f"{self.name}.json"), "w") as f:
+          json.dump(rows, f, indent=1)
+        hist = storage.join(out_dir, f"{self.name}.jsonl")
+        old = storage.read_text(hist) if storage.exists(hist) else ""
+        with storage.open_file(hist, "w") as f:
+          f.write(old + line)
+      else:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{self.name}.json"), "w") as f:
+          json.dump(rows, f, indent=1)
+        with open(os.path.join(out_dir, f"{self.name}.jsonl"), "a") as f:
+          f.write(line)
     return result

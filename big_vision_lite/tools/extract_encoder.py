@@ -19,17 +19,16 @@ from typing import Sequence
 
 import numpy as np
 
-from big_vision_lite import pretrained
+from big_vision_lite import pretrained, storage
 from big_vision_lite.checkpoint import CheckpointError
 
 
 def vit_config_of(workdir: str, subtree: str) -> dict | None:
   """The image model kwargs from the workdir's config.json (config.model.<image>), if present."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path) or storage.isdir(path):
     return None
-  with open(path) as f:
-    model = json.load(f).get("model", {})
+  model = json.loads(storage.read_text(path)).get("model", {})
   kw = dict(model.get("image") or {}) if subtree == "img" else None
   if kw is not None:
     kw.pop("num_classes", None)  # the encoder is exported without a head
@@ -39,11 +38,19 @@ def vit_config_of(workdir: str, subtree: str) -> dict | None:
 def extract(workdir: str, out: str, subtree: str = "img") -> tuple[int, dict | None]:
   """Writes `out` (.npz) with the params under `subtree`; returns (number of arrays, ViT kwargs)."""
   flat = pretrained.read_params(workdir, subtree=subtree)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  np.savez(out, **{k: np.asarray(v) for k, v in flat.items()})
+  arrays = {k: np.asarray(v) for k, v in flat.items()}
+  if storage.is_remote(out):  # zip in memory, then one upload (object stores cannot seek back)
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with storage.open_file(out, "wb") as f:
+      f.write(buf.getvalue())
+  else:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.savez(out, **arrays)
   kw = vit_config_of(workdir, subtree)
   if kw is not None:
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+    with storage.open_file(os.path.splitext(out)[0] + ".json", "w") as f:
       json.dump({"model_name": "vit", "model": kw}, f, indent=2)
   return len(flat), kw
 
@@ -61,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   try:
     n, kw = extract(args.workdir, args.out, args.subtree)
-  except (CheckpointError, FileNotFoundError) as e:
+  except (CheckpointError, FileNotFoundError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {n} arrays of {args.subtree!r} to {args.out}")

@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Sequence
 
+from big_vision_lite import storage
 from big_vision_lite.metrics import METRICS_FILE
 
 
@@ -39,10 +40,10 @@ def _to_float(v) -> float | None:
 
 def read_metrics(path: str) -> dict[str, list[tuple[int, float]]]:
   """{metric: [(step, value), ...] sorted by step}, later lines overriding earlier ones."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise PlotError(f"no metrics file at {path}")
   latest: dict[str, dict[int, float]] = {}
-  with open(path) as f:
+  with storage.open_file(path) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -91,8 +92,15 @@ def plot(series: dict[str, list[tuple[int, float]]], out: str,
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=100)
+  if storage.is_remote(out):  # matplotlib writes local files or file objects: render, then upload
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format=os.path.splitext(out)[1][1:] or "png")
+    with storage.open_file(out, "wb") as f:
+      f.write(buf.getvalue())
+  else:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
   plt.close(fig)
   return out
 
@@ -105,11 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", default=None, help="PNG path (default WORKDIR/curves.png)")
   parser.add_argument("--keys", default=None, help="comma-separated metrics (default: all)")
   args = parser.parse_args(argv)
-  out = args.out or os.path.join(args.workdir, "curves.png")
+  out = args.out or storage.join(args.workdir, "curves.png")
   keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
   try:
-    series = read_metrics(os.path.join(args.workdir, METRICS_FILE))
-    plot(series, out, keys, title=os.path.basename(os.path.normpath(args.workdir)))
+    series = read_metrics(storage.join(args.workdir, METRICS_FILE))
+    title = (args.workdir.rstrip("/").rsplit("/", 1)[-1] if storage.is_remote(args.workdir)
+             else os.path.basename(os.path.normpath(args.workdir)))
+    plot(series, out, keys, title=title)
+  except storage.StorageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except PlotError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

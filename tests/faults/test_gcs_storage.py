@@ -1,81 +1,29 @@
 """gs:// data_dir and workdir end to end, against a GCS emulator (gcp-storage-emulator) on 127.0.0.1.
 
-Each client library is pointed at the emulator the way it documents:
-gcsfs (etils.epath's gs:// backend without TensorFlow: config.json,
-metrics.jsonl, TensorBoard, globs, tfds metadata, Orbax's folders) by
-STORAGE_EMULATOR_HOST (FSSPEC_GS_TOKEN=anon: no credential lookup); ArrayRecord's reader (google-cloud-cpp) by
-CLOUD_STORAGE_EMULATOR_ENDPOINT; tensorstore (Orbax's array data) by
-TENSORSTORE_GCS_HTTP_URL with a fixed GOOGLE_AUTH_TOKEN_FOR_TESTING.
+The emulator and how each client library reaches it (gcsfs for config.json,
+metrics.jsonl, TensorBoard, globs, tfds metadata; ArrayRecord's reader;
+tensorstore) live in tests/gcs_emulator.py, shared with tests/test_gcs_exports.py.
 """
 
 import io
 import json
 import os
-import re
-import socket
 import tarfile
 
 import numpy as np
 import pytest
 
-# Read once, when gcsfs is imported: its zonal-bucket probe would wait on gRPC timeouts here.
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+import gcs_emulator  # noqa: E402  (tests/gcs_emulator.py: sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT before gcsfs loads)
+
 pytest.importorskip("gcsfs", reason="the [test] extra installs gcsfs")
-emulator_server = pytest.importorskip("gcp_storage_emulator.server", reason="the [test] extra installs it")
+pytest.importorskip("gcp_storage_emulator.server", reason="the [test] extra installs it")
 
 from conftest import ROOT  # noqa: E402
 
 from big_vision_lite import storage  # noqa: E402
 
-BUCKET = "bvl-test"
-
-
-def _serve_suffix_ranges() -> None:
-  """Teaches the emulator `Range: bytes=-N` (the last N bytes), which GCS serves and ArrayRecord's reader asks."""
-  from gcp_storage_emulator.handlers import objects
-  download = objects.download
-  def patched(request, response, storage_, *args, **kwargs):
-    m = re.fullmatch(r"\s*bytes=-(\d+)\s*", request.get_header("range", None) or "")
-    if m:
-      size = len(storage_.get_file(request.params["bucket_name"], request.params["object_id"]))
-      fixed, get = f"bytes={max(0, size - int(m.group(1)))}-", request.get_header
-      request.get_header = lambda name, default=None: fixed if name.lower() == "range" else get(name, default)
-    return download(request, response, storage_, *args, **kwargs)
-  objects.download = patched  # objects.get (alt=media) looks it up at call time
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs():
-  """{env vars} reaching an in-memory emulator with bucket BUCKET; also set in this process."""
-  _serve_suffix_ranges()
-  port = _free_port()
-  server = emulator_server.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-  server.start()
-  url = f"http://127.0.0.1:{port}"
-  env = {"STORAGE_EMULATOR_HOST": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
-         "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GS_TOKEN": "anon"}
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  import fsspec
-  fsspec.config.conf.setdefault("gs", {})["token"] = "anon"  # FSSPEC_GS_TOKEN, read at fsspec's import
-  fsspec.get_filesystem_class("gs").clear_instance_cache()  # a cached instance could point elsewhere
-  try:
-    yield env
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-    fsspec.config.conf["gs"].pop("token", None)
-    server.stop()
+BUCKET = gcs_emulator.BUCKET
+gcs = gcs_emulator.fixture(BUCKET)
 
 
 def _tar_bytes(n: int) -> bytes:
