@@ -6,6 +6,8 @@ import jax
 import numpy as np
 import pytest
 
+from bigvision_npz import import_with_cli
+
 from big_vision_lite import pretrained
 from big_vision_lite.checkpoint import flatten_with_names
 from big_vision_lite.convert import ConversionError, bigvision, tables
@@ -92,13 +94,7 @@ def test_sincos2d_vit_imports_with_image_size(tmp_path):
   model = vit_lib.vit(**KW, pool_type="gap", posemb="sincos2d")
   flat = {k: np.asarray(v) for k, v in flatten_with_names(init(model, 0)).items()}
   flat["head/kernel"] = np.random.default_rng(1).normal(size=flat["head/kernel"].shape).astype(np.float32)
-  src = tmp_path / "bv.npz"
-  np.savez(src, **{f"params/{k}": v for k, v in flat.items()})
-  out = tmp_path / "init.npz"
-  assert main(["--from", "bigvision", "--in", str(src), "--out", str(out), "--image_size", "16"]) == 0
-  imported, report = pretrained.load_pretrained(init(model, 7), str(out))
-  assert not report.missing and not report.unexpected and not report.mismatched
-  direct, _ = pretrained.load_pretrained(init(model, 7), str(src))  # the .npz as model_init
+  imported, direct = import_with_cli(tmp_path, flat, init(model, 7), "--image_size", "16")
   ref = apply(model, tables.nest(flat))
   # Same arrays in the same model: equal up to fp32 rounding of the same ops.
   np.testing.assert_allclose(apply(model, imported), apply(model, direct), rtol=1e-6, atol=0)

@@ -7,6 +7,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from bigvision_npz import import_with_cli
+
 from big_vision_lite import pretrained
 from big_vision_lite.checkpoint import flatten_with_names
 from big_vision_lite.convert import ConversionError, bigvision, tables, towers
@@ -100,12 +102,6 @@ def test_sincos2d_image_tower_imports_with_image_size(tmp_path):
   model = two_towers.two_towers(**kw)
   flat = {k: np.asarray(v) for k, v in flatten_with_names(init(model, 0)).items()}
   flat["t"], flat["b"] = np.array([np.log(10.0)], np.float32), np.array([-10.0], np.float32)
-  src = tmp_path / "bv.npz"
-  np.savez(src, **{f"params/{k}": v for k, v in flat.items()})
-  out = tmp_path / "init.npz"
-  assert main(["--from", "bigvision", "--in", str(src), "--out", str(out), "--image_size", "16"]) == 0
-  imported, report = pretrained.load_pretrained(init(model, 7), str(out))
-  assert not report.missing and not report.unexpected and not report.mismatched
-  direct, _ = pretrained.load_pretrained(init(model, 7), str(src))  # the .npz as model_init
+  imported, direct = import_with_cli(tmp_path, flat, init(model, 7), "--image_size", "16")
   np.testing.assert_allclose(apply(model, imported), apply(model, direct), rtol=1e-6, atol=0)
   np.testing.assert_allclose(apply(model, imported), apply(model, tables.nest(flat)), rtol=1e-6, atol=0)

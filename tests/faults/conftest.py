@@ -129,3 +129,14 @@ def metric_rows(workdir):
 
 def steps_on_disk(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """A finished in-process 8-step run with checkpoints at steps 4 and 8, and its config."""
+  from big_vision_lite import train  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp("ref"))
+  config = tiny_config("--config.total_steps=8", "--config.ckpt_steps=4", "--config.log_training_steps=4")
+  train.train_and_evaluate(config, workdir)
+  assert steps_on_disk(workdir)[-2:] == [4, 8]
+  return workdir, config

@@ -12,19 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import COMMON, ROOT, TINY, assert_bitwise_equal, final_params, steps_on_disk, tiny_config
+from conftest import COMMON, ROOT, TINY, assert_bitwise_equal, final_params, steps_on_disk
 
 from big_vision_lite import checkpoint, train
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """A finished 8-step run with checkpoints at steps (1,) 4 and 8, and its config."""
-  workdir = str(tmp_path_factory.mktemp("ref"))
-  config = tiny_config("--config.total_steps=8", "--config.ckpt_steps=4", "--config.log_training_steps=4")
-  train.train_and_evaluate(config, workdir)
-  assert steps_on_disk(workdir)[-2:] == [4, 8]
-  return workdir, config
 
 
 def _data_files(step_dir):
