@@ -115,6 +115,15 @@ class MetricWriter:
     if self._mirror:
       self._mirror.push()
 
+  def sync(self) -> None:
+    """Uploads the staged files now (gs:// workdir), e.g. when a checkpoint of this step starts.
+
+    A run killed later resumes from that checkpoint and keeps the rows up to it; without this,
+    up to `sync_s` of them would be lost from the remote copy for good.
+    """
+    if self._mirror:
+      self._mirror.push(force=True)
+
   def truncate_after(self, step: int) -> None:
     """Drops lines with a step > `step` (and unreadable ones), for a resumed run.
 

@@ -530,7 +530,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
               last.update(results)
               progress.report_eval(step, results)
           if ckpt:
-            ckpt.save(step, state, train_iter, force=step == total_steps)
+            if ckpt.save(step, state, train_iter, force=step == total_steps):
+              writer.sync()  # gs://: the rows up to a checkpoint outlive a kill, like the checkpoint
             _inject_fault(step)
             if ckpt.reached_preemption(step):
               ckpt.save(step, state, train_iter, force=True)

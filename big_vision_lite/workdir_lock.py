@@ -5,7 +5,9 @@ On a local disk it is flock(2): the kernel frees it when the holder exits, howev
 the file names the holder's host and pid and a heartbeat time that a thread refreshes every
 `heartbeat_s`; a lease not refreshed for `stale_s` is taken over. Two runs starting within
 the same moment on an object store can both write a lease; the one that reads back the
-other's name after writing gives way.
+other's name after writing gives way. A lease whose holder ran in this very pid namespace
+(same boot, same namespace: the lease names both) and is no longer alive is free at once,
+so a run killed with -9 resumes on the same machine without waiting `stale_s`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,32 @@ class WorkdirBusy(Exception):
   """Another live run holds the workdir."""
 
 
+def _pid_namespace() -> str | None:
+  """'<boot id>:<pid namespace inode>': where a pid means the same process (None off Linux)."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+      return f"{f.read().strip()}:{os.stat('/proc/self/ns/pid').st_ino}"
+  except OSError:
+    return None
+
+
 def _holder_text() -> str:
-  return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
+  return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
+                     "heartbeat": time.time()})
+
+
+def _holder_is_dead(info: dict) -> bool:
+  """Whether the lease's holder ran in this pid namespace and has exited."""
+  ns = _pid_namespace()
+  if ns is None or info.get("pidns") != ns or info.get("host") != socket.gethostname():
+    return False
+  try:
+    os.kill(int(info["pid"]), 0)
+  except ProcessLookupError:
+    return True
+  except (OSError, ValueError, TypeError, KeyError):
+    return False
+  return False
 
 
 def _describe(text: str) -> str:
@@ -87,10 +113,11 @@ class _Lease:
       return
     text = self._path.read_text()
     try:
-      age = time.time() - float(json.loads(text)["heartbeat"])
+      info = json.loads(text)
+      age = time.time() - float(info["heartbeat"])
     except (ValueError, KeyError, TypeError):
-      age = float("inf")  # an empty or garbled lease holds nothing
-    if age < stale_s:
+      info, age = {}, float("inf")  # an empty or garbled lease holds nothing
+    if age < stale_s and not _holder_is_dead(info):
       raise WorkdirBusy(f"workdir {self._path.parent} is in use by {_describe(text)} (lease {self._path}, "
                         f"heartbeat {age:.0f} s ago; stale after {stale_s:.0f} s); not starting a "
                         f"second run on it")

@@ -4,6 +4,7 @@ the lock goes with its holder, kill -9 included; a lease (object stores) goes st
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,4 +78,20 @@ def test_lease_refuses_while_fresh_and_is_taken_over_when_stale(tmp_path):
   # A holder killed with -9 leaves its lease: stale after stale_s, then taken over.
   path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 10}))
   with workdir_lock.hold(tmp_path, lease=True, heartbeat_s=0.2, stale_s=5):
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_lease_of_a_dead_process_here_is_free_at_once(tmp_path):
+  """A lease naming an exited pid of this pid namespace (a kill -9 on this machine) is taken over
+  without waiting stale_s; the same pid from another namespace still counts as fresh."""
+  path = tmp_path / workdir_lock.LOCK_NAME
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  here = {"host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time()}
+  path.write_text(json.dumps(dict(here, pidns="another-boot:1")))
+  with pytest.raises(workdir_lock.WorkdirBusy, match=f"pid {dead.pid}"):
+    with workdir_lock.hold(tmp_path, lease=True, heartbeat_s=0.2, stale_s=60):
+      pass
+  path.write_text(json.dumps(dict(here, pidns=workdir_lock._pid_namespace())))
+  with workdir_lock.hold(tmp_path, lease=True, heartbeat_s=0.2, stale_s=60):
     assert json.loads(path.read_text())["pid"] == os.getpid()
