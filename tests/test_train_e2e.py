@@ -227,7 +227,7 @@ def test_label_depth_mismatch_is_named_before_compile(capsys):
   code = train.main(["--config", os.path.join(ROOT, TINY), "--config.model.num_classes=10", *COMMON,
                      "--config.ckpt_steps=0"])
   err = capsys.readouterr().err
-  assert code == 1
+  assert code == 2  # a config error, found once the first example shows the labels' depth
   assert "config.model.num_classes gives 10 logits but the labels from config.input.pp have depth 8" in err
 
 
