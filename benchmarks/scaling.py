@@ -35,7 +35,8 @@ from big_vision_lite.models import vit as vit_lib  # noqa: E402
 def measure(variant: str, *, batch: int, res: int, depth: int | None = None, scan: bool = False,
             remat: str = "none", steps: int = 3) -> dict[str, float]:
   """Compile time, median step time and compiled memory (MiB) of one fwd+bwd step."""
-  kw = dict(variant=variant, num_classes=10, scan=scan, remat_policy=remat)
+  # The variant's sizes, with the depth replaced where asked (a variant and a clashing size is refused).
+  kw = dict(vit_lib.decode_variant(variant), num_classes=10, scan=scan, remat_policy=remat)
   if depth is not None:
     kw["depth"] = depth
   model = vit_lib.vit(**kw)
