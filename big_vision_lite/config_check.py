@@ -48,8 +48,8 @@ def build_model(name: str, kwargs: dict[str, Any], key: str = "config.model") ->
   try:
     factory = models.MODELS.get(name)
   except UnknownNameError as e:
-    raise ConfigError(f"{key.rsplit('.', 1)[0]}.model_name: {e}" if key == "config.model" else f"{key}: {e}"
-                      ) from None
+    where = "config.model_name" if key == "config.model" else key  # a tower's name is under its own key
+    raise ConfigError(f"{where}: {e}") from None
   model = construct(factory, kwargs, key, f"model {name!r}")
   for field, (sub_factory, sub_kwargs) in getattr(model, "submodels", lambda: {})().items():
     if isinstance(sub_factory, str):
