@@ -161,7 +161,7 @@ def test_console_script_points_at_main():
 
 @pytest.mark.slow
 def test_real_digits_train_to_95_percent_held_out(tmp_path):
-  """README "Your own data": scikit-learn's 8x8 digits as PNG folders -> the tool -> the trainer CLI."""
+  """docs/data.md "Your own images": scikit-learn's 8x8 digits as PNG folders -> the tool -> the trainer CLI."""
   import subprocess
   import sys
   digits = pytest.importorskip("sklearn.datasets").load_digits()
