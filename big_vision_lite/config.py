@@ -372,14 +372,16 @@ def config_changes(saved: dict, current: dict, allowed: tuple[str, ...] = RESUMA
 def _check_data(data: ConfigDict, key: str) -> None:
   name = data.get("name")
   check(bool(name), f"{key}.name", "missing dataset name")
-  if name == "bvl_shapes":
-    return
-  if name in ("array_record", "tar"):
-    check(bool(data.get("files")), f"{key}.files", f"{name} needs a file pattern or list")
+  from big_vision_lite.data import sources  # pylint: disable=import-outside-toplevel
+  kind = sources.source_kind(name)
+  if kind is not None:
+    for k in kind.required:
+      check(bool(data.get(k)), f"{key}.{k}", f"{name} needs a file pattern or list" if k == "files"
+            else f"{name} needs it set")
     return
   data_dir = data.get("data_dir")
   check(bool(data_dir), f"{key}.data_dir",
-        f"required for tfds dataset {name!r} (nothing is downloaded at run time)")
+        f"required for tfds dataset {name!r} (nothing is downloaded at run time){sources.tfds_hint(name)}")
   from big_vision_lite import storage  # pylint: disable=import-outside-toplevel
   try:
     found = storage.isdir(data_dir)

@@ -14,6 +14,7 @@ import tarfile
 from typing import Any, Sequence
 
 from big_vision_lite import storage
+from big_vision_lite.data import sources
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
@@ -88,3 +89,9 @@ class TarSource:
   def __repr__(self) -> str:
     # Stable (no addresses): grain compares reprs on restore.
     return f"TarSource({len(self)} examples from {len(self.paths)} tars, e.g. {self.paths[0]})"
+
+
+@sources.register("tar", keys=("files",), required=("files",))
+def open_tar(data_config, config_key: str) -> TarSource:
+  """`name="tar"`: `files` (a glob or list of tar shards), sliced by `split`."""
+  return sources.open_files(TarSource, data_config, config_key)
