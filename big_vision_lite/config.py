@@ -185,10 +185,14 @@ def _suggest(key: str, known) -> str:
 
 
 def load_config(spec: str) -> ConfigDict:
-  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
+  """Loads `path/to/config.py[:arg]` (or `recipe_name[:arg]`, a shipped recipe) by calling its
+  `get_config(arg)`."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise ConfigError(f"--config: file {path!r} does not exist")
+    from big_vision_lite import recipes  # pylint: disable=import-outside-toplevel (imports this module)
+    path = recipes.recipe_path(path) or path
+    if not os.path.isfile(path):
+      raise ConfigError(recipes.missing_config(path))
   module_spec = importlib.util.spec_from_file_location("bvl_user_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
