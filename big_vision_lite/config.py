@@ -305,7 +305,8 @@ def validate(config: ConfigDict, num_devices: int, process_count: int = 1) -> No
   check(config.total_steps >= 0, "total_steps", f"must be >= 0, got {config.total_steps}")
   check(config.total_epochs >= 0, "total_epochs", f"must be >= 0, got {config.total_epochs}")
   check(config.wd >= 0, "wd", f"must be >= 0, got {config.wd}")
-  check(config.grad_clip_norm is None or config.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0 (0 = off), got {config.grad_clip_norm}")
+  check(config.grad_clip_norm is None or config.grad_clip_norm >= 0, "grad_clip_norm",
+        f"must be >= 0 (0 = off), got {config.grad_clip_norm}")
   check(config.keep_ckpts >= 0, "keep_ckpts", f"must be >= 0 (0 = keep all), got {config.keep_ckpts}")
   check(config.keep_ckpt_steps >= 0, "keep_ckpt_steps", f"must be >= 0, got {config.keep_ckpt_steps}")
   check(config.input.prefetch >= 0, "input.prefetch", f"must be >= 0, got {config.input.prefetch}")

@@ -24,7 +24,8 @@ def _scan(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
   """[(key, {ext: (offset, size)})] in file order for one tar shard."""
   groups: dict[str, dict[str, tuple[int, int]]] = {}
   try:
-    with storage.open_file(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:  # uncompressed only: compressed tars cannot seek
+    # Uncompressed only ("r:"): compressed tars cannot seek.
+    with storage.open_file(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
       for m in tar:
         if not m.isfile():
           continue
