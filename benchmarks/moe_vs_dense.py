@@ -4,9 +4,9 @@
 
 Both steps are built with the trainer's own build/make_train_step on one CPU
 device, with the trainer's malloc settings (`--malloc`), compiled, warmed up,
-then timed alternately (dense, moe, dense, ...) so background load hits both alike; the median step times give the ratio. FLOPs
-per image come from XLA's cost analysis of each compiled step (forward+backward,
-so ~3x the forward) and from the analytic forward formulas in flops.py.
+then timed alternately (dense, moe, dense, ...) so background load hits both alike; the median
+step times give the ratio. FLOPs per image come from XLA's cost analysis of each compiled step
+(forward+backward, so ~3x the forward) and from the analytic forward formulas in flops.py.
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def main():
   n_tok = (a.res // a.patch) ** 2
   print(f"devices: {jax.devices()}; {malloc}; batch {a.batch}, {a.res}px / patch {a.patch} = {n_tok} image tokens, "
         f"ViT width {a.width} depth {a.depth}, text encoder/decoder depth {a.text_depth}, "
-        f"{a.text_len} caption tokens, {a.ov1_captions} caption(s) per image in OV1's contrastive loss, keep {a.keep} ({max(1, round(n_tok * a.keep))} tokens)", flush=True)
+        f"{a.text_len} caption tokens, {a.ov1_captions} caption(s) per image in OV1's contrastive loss, "
+        f"keep {a.keep} ({max(1, round(n_tok * a.keep))} tokens)", flush=True)
 
   ov2 = OpenVision2(image=image, decoder=tower, vocab_size=a.vocab, max_len=a.text_len, keep_ratio=a.keep)
 

@@ -216,7 +216,8 @@ def machine_state(torch_mod, size: int = 2048, repeats: int = 5) -> tuple[str, d
   with mmap.mmap(-1, nbytes) as src_buf, mmap.mmap(-1, nbytes) as dst_buf:
     src = np.frombuffer(src_buf, np.float32)
     dst = np.frombuffer(dst_buf, np.float32)
-    copy_s = _best_s(lambda: np.copyto(dst, src), repeats)  # the warm-up call faults pages in
+    # The warm-up call faults pages in; the lambda runs before the del below (hence the noqa).
+    copy_s = _best_s(lambda: np.copyto(dst, src), repeats)  # noqa: F821
     del src, dst  # the buffers cannot close while arrays still view them
   line = (f"{size}^2 fp32 matmul: jax {jax_rate / 1e9:.0f} GFLOP/s, torch {torch_rate / 1e9:.0f} "
           f"GFLOP/s; memory copy {2 * nbytes / copy_s / 1e9:.1f} GB/s (read + write, numpy)")

@@ -185,10 +185,14 @@ def _suggest(key: str, known) -> str:
 
 
 def load_config(spec: str) -> ConfigDict:
-  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
+  """Loads `path/to/config.py[:arg]` (or `recipe_name[:arg]`, a shipped recipe) by calling its
+  `get_config(arg)`."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise ConfigError(f"--config: file {path!r} does not exist")
+    from big_vision_lite import recipes  # pylint: disable=import-outside-toplevel (imports this module)
+    path = recipes.recipe_path(path) or path
+    if not os.path.isfile(path):
+      raise ConfigError(recipes.missing_config(path))
   module_spec = importlib.util.spec_from_file_location("bvl_user_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -301,7 +305,8 @@ def validate(config: ConfigDict, num_devices: int, process_count: int = 1) -> No
   check(config.total_steps >= 0, "total_steps", f"must be >= 0, got {config.total_steps}")
   check(config.total_epochs >= 0, "total_epochs", f"must be >= 0, got {config.total_epochs}")
   check(config.wd >= 0, "wd", f"must be >= 0, got {config.wd}")
-  check(config.grad_clip_norm is None or config.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0 (0 = off), got {config.grad_clip_norm}")
+  check(config.grad_clip_norm is None or config.grad_clip_norm >= 0, "grad_clip_norm",
+        f"must be >= 0 (0 = off), got {config.grad_clip_norm}")
   check(config.keep_ckpts >= 0, "keep_ckpts", f"must be >= 0 (0 = keep all), got {config.keep_ckpts}")
   check(config.keep_ckpt_steps >= 0, "keep_ckpt_steps", f"must be >= 0, got {config.keep_ckpt_steps}")
   check(config.input.prefetch >= 0, "input.prefetch", f"must be >= 0, got {config.input.prefetch}")
@@ -372,14 +377,16 @@ def config_changes(saved: dict, current: dict, allowed: tuple[str, ...] = RESUMA
 def _check_data(data: ConfigDict, key: str) -> None:
   name = data.get("name")
   check(bool(name), f"{key}.name", "missing dataset name")
-  if name == "bvl_shapes":
-    return
-  if name in ("array_record", "tar"):
-    check(bool(data.get("files")), f"{key}.files", f"{name} needs a file pattern or list")
+  from big_vision_lite.data import sources  # pylint: disable=import-outside-toplevel
+  kind = sources.source_kind(name)
+  if kind is not None:
+    for k in kind.required:
+      check(bool(data.get(k)), f"{key}.{k}", f"{name} needs a file pattern or list" if k == "files"
+            else f"{name} needs it set")
     return
   data_dir = data.get("data_dir")
   check(bool(data_dir), f"{key}.data_dir",
-        f"required for tfds dataset {name!r} (nothing is downloaded at run time)")
+        f"required for tfds dataset {name!r} (nothing is downloaded at run time){sources.tfds_hint(name)}")
   from big_vision_lite import storage  # pylint: disable=import-outside-toplevel
   try:
     found = storage.isdir(data_dir)

@@ -17,7 +17,6 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 
 from big_vision_lite import storage
 

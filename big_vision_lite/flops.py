@@ -213,8 +213,9 @@ def default_peak_flops(device: Any = None, *,
   Known TPUs/GPUs come from a table (bf16 dense). Anything else, CPU included,
   is measured with a matmul probe at every call; the highest probe of the last week is kept by
   device kind, CPU count and CPU model (`host_cpu.signature()`: a home directory shared by hosts
-  with other CPUs keeps one number per CPU) in `cache_path` (None disables the cache). On CPU the probe measures the whole
-  host, which all local CPU devices share, so the per-device peak is the host
+  with other CPUs keeps one number per CPU) in `cache_path` (None disables the cache). On CPU
+  the probe measures the whole host, which all local CPU devices share, so the per-device
+  peak is the host
   rate divided by the number of local CPU devices; MFU then comes out the same
   whatever `jax_num_cpu_devices` is. A config's `mfu_peak_flops` should
   override this in the trainer.

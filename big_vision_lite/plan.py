@@ -295,7 +295,8 @@ def load_for_plan(spec: str):
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m big_vision_lite.plan", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  parser.add_argument("--config", required=True,
+                      help="path/to/config.py[:arg], or a shipped recipe's NAME[:arg]")
   parser.add_argument("--topology", required=True, help="v4:2x2x1, v5e:16x16, v5p:2x2x1, v6e:4x4 or cpu:N")
   parser.add_argument("--json", default="", help="also write the numbers to this JSON file")
   parser.add_argument("--memory_gib", type=float, default=0.0,

@@ -2,6 +2,7 @@
 
     python -m big_vision_lite.train --config configs/vit_shapes.py --workdir runs/vit \
         [--config.total_steps=100 ...]
+    bvl-train --config vit_shapes --workdir runs/vit   # a shipped recipe by name, from anywhere
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, config_check, flops, metrics, optim
-from big_vision_lite import pretrained, schedules, sharding, signals, storage
+from big_vision_lite import pretrained, recipes, schedules, sharding, signals, storage
 from big_vision_lite import (block_cache, distributed, evaluators, files, host_memory, models, tasks,
                              workdir_lock, xla_options)
 from big_vision_lite.data import ops as pp_ops, pipeline, sources, worker_watch
@@ -682,8 +683,10 @@ def maybe_initialize_distributed(args: argparse.Namespace) -> None:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(prog="python -m big_vision_lite.train", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=f"shipped recipes (--config NAME[:arg]):\n{recipes.table()}")
+  parser.add_argument("--config", help="path/to/config.py[:arg], or a shipped recipe's NAME[:arg]")
+  parser.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
   parser.add_argument("--workdir", default="", help="checkpoints, metrics and logs go here; "
                       "an existing workdir is resumed")
   parser.add_argument("--overwrite", action="store_true", help="start afresh in a workdir that holds "
@@ -692,6 +695,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
   args, rest = parser.parse_known_args(argv)
+  if args.list_recipes:
+    print(recipes.table())
+    parser.exit()
+  if not args.config:
+    parser.error("the following arguments are required: --config")
   overrides = []
   for item in rest:
     if not item.startswith("--config."):

@@ -2,7 +2,6 @@
 sharded bf16 checkpoint of a chosen step."""
 
 import json
-import os
 
 import flax
 import jax

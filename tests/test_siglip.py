@@ -7,7 +7,6 @@ import flax
 import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 
 from big_vision_lite import config as config_lib, models, pretrained, sharding, train
 

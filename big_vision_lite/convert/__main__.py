@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
   p.add_argument("--to", choices=pipeline.TARGETS, help="export target")
   p.add_argument("--from", dest="from_", choices=("bigvision", "timm"), help="import source kind")
-  p.add_argument("--in", dest="src", help="import source: big_vision .npz, big_vision tensorstore checkpoint (folder or its "
-                 "prefix with a -LAST file), or a timm export folder")
+  p.add_argument("--in", dest="src", help="import source: big_vision .npz, big_vision tensorstore "
+                 "checkpoint (folder or its prefix with a -LAST file), or a timm export folder")
   p.add_argument("--out", required=True, help="export folder, or the .npz an import writes")
-  p.add_argument("--subtree", "--tower", dest="subtree", default=None, help="the ViT inside the params, e.g. img (default: root "
-                 "for model vit, else img)")
+  p.add_argument("--subtree", "--tower", dest="subtree", default=None,
+                 help="the ViT inside the params, e.g. img (default: root for model vit, else img)")
   p.add_argument("--image_size", type=int, default=None,
                  help="input size (default: learned posemb grid, else the run's pp string)")
   p.add_argument("--pool_type", default=None, help="import: pooling when the params cannot tell")

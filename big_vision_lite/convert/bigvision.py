@@ -151,7 +151,8 @@ def towers_shapes(spec) -> dict[str, tuple[int, ...]]:
 
 def import_two_towers(flat: Mapping[str, np.ndarray], *, scan: bool | None = None,
                       image_pool_type: str | None = None, text_pool_type: str | None = None,
-                      image_size: int | None = None, what: str = "big_vision import") -> tuple[dict[str, np.ndarray], Any, list[str]]:
+                      image_size: int | None = None, what: str = "big_vision import"
+                      ) -> tuple[dict[str, np.ndarray], Any, list[str]]:
   """big_vision SigLIP/LiT two-tower params (img/, txt/, t, b) -> (our flat fp32 params, TowersSpec, notes).
 
   The text tower keeps big_vision's text_transformer names (ours are the same);

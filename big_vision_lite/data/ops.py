@@ -14,7 +14,8 @@ import numpy as np
 
 from big_vision_lite.registry import Registry
 
-OPS = Registry("preprocessing op", "big_vision_lite.data")
+# The op modules: data/ops_*.py (and randaug), found on the first lookup (registry.py).
+OPS = Registry("preprocessing op", "big_vision_lite.data", modules=("ops_*", "randaug"))
 
 Example = dict[str, Any]
 Op = Callable[[Example, "np.random.Generator | None"], Example]
@@ -143,8 +144,3 @@ def image_op(name: str, key: str, fn: Callable[[np.ndarray, np.random.Generator 
     return out
   return op
 
-
-# Imported last so their @OPS.register calls run whenever this module is imported.
-from big_vision_lite.data import ops_general, ops_image, randaug  # noqa: E402,F401
-from big_vision_lite.data import ops_text  # noqa: E402,F401
-from big_vision_lite.data import ops_shapes  # noqa: E402,F401

@@ -1,4 +1,8 @@
-"""Random-access data sources from a data config: built-in, tfds datasets, ArrayRecord files.
+"""Random-access data sources from a data config: the source registry, ArrayRecord files, tfds.
+
+`config.input.data.name` picks a source registered in SOURCES (`array_record` and `bvl_shapes`
+here, `tar` in sources_tar.py; a new source is a new `data/sources_*.py` calling `register`);
+any other name is a tfds dataset read from `data_dir`.
 
 Every source yields examples as dicts whose `image` entry holds *encoded* image
 bytes (PNG/JPEG), so the `decode` op decodes them uniformly whatever the source.
@@ -12,11 +16,13 @@ encoded image bytes. `write_array_record` writes such files; bvl-make-dataset
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import os
 import tempfile
 import types
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
 import numpy as np
@@ -25,10 +31,44 @@ from flax import serialization
 from big_vision_lite import storage
 from big_vision_lite.config import ConfigError
 from big_vision_lite.data import dataset_info
+from big_vision_lite.registry import Registry
 
 BUILTIN = "bvl_shapes"
 _log = logging.getLogger("big_vision_lite")
 _warned: set[tuple] = set()  # (files, split) already warned about, so each is said once
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+  """One kind of data source: the data-config keys it reads besides name and split, those of
+  them it needs, and `open(data_config, config_key)` -> a source (`len`, `[i]` -> example dict)."""
+  keys: tuple[str, ...]
+  required: tuple[str, ...]
+  open: Callable[[ml_collections.ConfigDict, str], Any]
+
+
+# Found by name on first lookup in data/sources_*.py (registry.py); sources.py registers its own.
+SOURCES = Registry("data source", "big_vision_lite.data", modules=("sources_*",))
+
+
+def register(name: str, keys: Sequence[str] = (), required: Sequence[str] = ()):
+  """Registers `open(data_config, config_key) -> source` as the data source `name`."""
+  def decorator(fn):
+    SOURCES.register(name)(SourceKind(tuple(keys), tuple(required), fn))
+    return fn
+  return decorator
+
+
+def source_kind(name: str) -> SourceKind | None:
+  """The registered kind of data name `name` ("bvl_shapes/tiny" -> bvl_shapes), None for tfds."""
+  kind = (name or "").split("/")[0]
+  return SOURCES.get(kind) if kind in SOURCES else None
+
+
+def tfds_hint(name: str) -> str:
+  """"; did you mean data source 'x'?" for a tfds name that is a near miss of a registered one."""
+  close = difflib.get_close_matches(name, SOURCES.names(), n=1)
+  return f"; did you mean data source {close[0]!r}?" if close else ""
 
 
 class ArrayRecordSource:
@@ -119,14 +159,14 @@ def _tfds_source(name: str, split: str, data_dir: str | None, key: str):
   hint = f"(prepare it with `tfds build {name} --data_dir={data_dir or '<dir>'} --file_format=array_record`)"
   if not data_dir:
     raise ConfigError(f"{key}.data_dir: not set, so tfds dataset {name!r} cannot be found; "
-                     f"nothing is downloaded at run time {hint}")
+                     f"nothing is downloaded at run time {hint}{tfds_hint(name)}")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     prepared = builder.is_prepared()
   except Exception:  # Unknown name and not on disk either.
     prepared = False
   if not prepared:
-    raise ConfigError(f"{key}.data_dir: dataset {name!r} not found in {data_dir!r} {hint}")
+    raise ConfigError(f"{key}.data_dir: dataset {name!r} not found in {data_dir!r} {hint}{tfds_hint(name)}")
   file_format = str(builder.info.file_format.value if builder.info.file_format else "tfrecord")
   if file_format not in ("array_record", "parquet"):
     raise ConfigError(f"{key}.name: dataset {name!r} in {data_dir!r} is stored as {file_format}, which has "
@@ -149,57 +189,72 @@ def _skip_image_decoding(features) -> dict | None:
   return skip or None
 
 
-# The keys each kind of source reads; any other key in a data config is a mistake.
-_COMMON_KEYS = ("name", "split")
-_KEYS = {"array_record": ("files",), "tar": ("files",), BUILTIN: ("data_dir",)}
+_COMMON_KEYS = ("name", "split")  # every source reads these
 _TFDS_KEYS = ("data_dir",)
 
 
 def data_keys(name: str) -> tuple[str, ...]:
-  """The config keys a data source of kind `name` reads (a tfds name reads data_dir)."""
-  return _COMMON_KEYS + _KEYS.get(name.split("/")[0], _TFDS_KEYS)
+  """The config keys a data source of kind `name` reads (a tfds name reads data_dir); any
+  other key in a data config is a mistake."""
+  kind = source_kind(name)
+  return _COMMON_KEYS + (kind.keys if kind else _TFDS_KEYS)
 
 
 def get_source(data_config: ml_collections.ConfigDict, *, config_key: str = "config.input.data"):
   """A random-access source (`len`, `[i]` -> example dict) for `data_config`.
 
-  `data_config.name`: "bvl_shapes[/tiny]" (built on demand into `data_dir` or
-  the cache), "array_record" (`files`: glob or list), or a tfds dataset name
-  read from `data_dir` (never downloaded). `split` takes tfds slicing.
+  `data_config.name`: a registered source ("bvl_shapes[/tiny]" built on demand into `data_dir`
+  or the cache, "array_record" or "tar" with `files`: glob or list) or a tfds dataset name read
+  from `data_dir` (never downloaded). `split` takes tfds slicing.
   `config_key` is where this data config lives (e.g. config.input.data), to name keys in errors.
   """
   name = data_config.get("name")
   if not name:
-    raise ConfigError(f"{config_key}.name is not set (e.g. 'bvl_shapes', 'array_record' or a tfds name)")
+    raise ConfigError(f"{config_key}.name is not set (e.g. {', '.join(map(repr, SOURCES.names()))} "
+                      "or a tfds name)")
+  kind = source_kind(name)
+  if kind is not None:
+    return kind.open(data_config, config_key)
+  return _tfds_source(name, _split_of(data_config, config_key), data_config.get("data_dir", None),
+                      config_key)
+
+
+def _split_of(data_config: ml_collections.ConfigDict, config_key: str) -> str:
   split = data_config.get("split", None)
-  data_dir = data_config.get("data_dir", None)
-  if name == "tar":  # web-style image+caption shards (img2dataset); see sources_tar
-    from big_vision_lite.data.sources_tar import TarSource
-    files = data_config.get("files", None)
-    if files is None:
-      raise ConfigError(f"{config_key}.files must be set when {config_key}.name is 'tar'")
-    paths = _expand_files(files, config_key)
-    whole = TarSource(paths)
-    start, stop = _slice_bounds(split, len(whole), config_key)
-    _warn_if_unshuffled(whole, paths, split, start, stop, config_key)
-    return TarSource(paths, start, stop)
-  if name == "array_record":
-    files = data_config.get("files", None)
-    if files is None:
-      raise ConfigError(f"{config_key}.files must be set when {config_key}.name is 'array_record'")
-    paths = _expand_files(files, config_key)
-    whole = ArrayRecordSource(paths)
-    start, stop = _slice_bounds(split, len(whole), config_key)
-    _warn_if_unshuffled(whole, paths, split, start, stop, config_key)
-    return ArrayRecordSource(paths, start, stop)
   if not split:
     raise ConfigError(f"{config_key}.split is not set (e.g. 'train' or 'train[:90%]')")
-  if name.split("/")[0] == BUILTIN:
-    from big_vision_lite.data import shapes
-    config = name.split("/")[1] if "/" in name else "default"
-    data_dir = shapes.ensure_built(data_dir, config=config)
-    name = f"{BUILTIN}/{config}"
-  return _tfds_source(name, split, data_dir, config_key)
+  return split
+
+
+def open_files(source_cls: Callable[..., Any], data_config: ml_collections.ConfigDict,
+               config_key: str):
+  """`source_cls(paths, start, stop)` over `data_config.files`, sliced by its split: the opener
+  of a source made of files (array_record, tar); warns once of a slice of unshuffled records."""
+  files = data_config.get("files", None)
+  if files is None:
+    raise ConfigError(f"{config_key}.files must be set when {config_key}.name is {data_config.name!r}")
+  split = data_config.get("split", None)
+  paths = _expand_files(files, config_key)
+  whole = source_cls(paths)
+  start, stop = _slice_bounds(split, len(whole), config_key)
+  _warn_if_unshuffled(whole, paths, split, start, stop, config_key)
+  return source_cls(paths, start, stop)
+
+
+@register("array_record", keys=("files",), required=("files",))
+def _open_array_record(data_config: ml_collections.ConfigDict, config_key: str) -> ArrayRecordSource:
+  return open_files(ArrayRecordSource, data_config, config_key)
+
+
+@register(BUILTIN, keys=("data_dir",))
+def _open_shapes(data_config: ml_collections.ConfigDict, config_key: str):
+  """The built-in shapes dataset ("bvl_shapes" or "bvl_shapes/<config>"), built on first use."""
+  from big_vision_lite.data import shapes
+  split = _split_of(data_config, config_key)
+  name = data_config.name
+  config = name.split("/")[1] if "/" in name else "default"
+  data_dir = shapes.ensure_built(data_config.get("data_dir", None), config=config)
+  return _tfds_source(f"{BUILTIN}/{config}", split, data_dir, config_key)
 
 
 def _labels_look_sorted(source, samples: int = 32) -> bool:

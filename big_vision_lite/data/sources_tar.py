@@ -14,6 +14,7 @@ import tarfile
 from typing import Any, Sequence
 
 from big_vision_lite import storage
+from big_vision_lite.data import sources
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
@@ -23,7 +24,8 @@ def _scan(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
   """[(key, {ext: (offset, size)})] in file order for one tar shard."""
   groups: dict[str, dict[str, tuple[int, int]]] = {}
   try:
-    with storage.open_file(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:  # uncompressed only: compressed tars cannot seek
+    # Uncompressed only ("r:"): compressed tars cannot seek.
+    with storage.open_file(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
       for m in tar:
         if not m.isfile():
           continue
@@ -88,3 +90,9 @@ class TarSource:
   def __repr__(self) -> str:
     # Stable (no addresses): grain compares reprs on restore.
     return f"TarSource({len(self)} examples from {len(self.paths)} tars, e.g. {self.paths[0]})"
+
+
+@sources.register("tar", keys=("files",), required=("files",))
+def open_tar(data_config, config_key: str) -> TarSource:
+  """`name="tar"`: `files` (a glob or list of tar shards), sliced by `split`."""
+  return sources.open_files(TarSource, data_config, config_key)

@@ -33,7 +33,8 @@ def prompt_settings(name: str, config) -> tuple[tuple[str, ...], tuple[str, ...]
       raise ConfigError(f"config.evals.{name}.{key}: missing")
   names = config.get("class_names", None) or _builtin_class_names(config.data)
   if not names:
-    raise ConfigError(f"config.evals.{name}.class_names: missing (defaults only for bvl_shapes and array_record data with a dataset_info.json)")
+    raise ConfigError(f"config.evals.{name}.class_names: missing (defaults only for bvl_shapes and "
+                      "array_record data with a dataset_info.json)")
   templates = tuple(config.get("templates", None) or DEFAULT_TEMPLATES)
   bad = [t for t in templates if "{}" not in t]
   if bad:

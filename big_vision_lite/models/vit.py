@@ -17,7 +17,8 @@ from big_vision_lite.models import MODELS
 from big_vision_lite.models.common import (
     Encoder, MAPHead, add_bias, part, posemb_sincos_2d)
 
-__all__ = ["ViT", "PatchEmbed", "vit", "decode_variant", "merge_variant", "resample_posemb", "posemb_sincos_2d", "VARIANTS"]
+__all__ = ["ViT", "PatchEmbed", "vit", "decode_variant", "merge_variant", "resample_posemb", "posemb_sincos_2d",
+           "VARIANTS"]
 
 # name -> (width, depth, mlp_dim, num_heads)
 VARIANTS: dict[str, tuple[int, int, int, int]] = {

@@ -17,7 +17,7 @@ from big_vision_lite.models import MODELS
 from big_vision_lite.models.common import (
     ACT_EMBED, Encoder1DBlock, MultiHeadDotProductAttention, layer_norm, remat_policy)
 from big_vision_lite.models.moe import MoeMlpBlock
-from big_vision_lite.models.vit import ViT, _pair, decode_variant, merge_variant
+from big_vision_lite.models.vit import ViT, _pair, merge_variant
 
 __all__ = ["VMoE", "vmoe", "moe_block_indices", "MoeEncoder1DBlock"]
 

@@ -90,7 +90,8 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
 def make_dataset(input_path: str, out_dir: str, *, kind: str = "auto", val_fraction: float = 0.1,
                  seed: int = 0, shard_size: int = 10_000, overwrite: bool = False,
                  log=None, **table_keys) -> dict:
-  """Writes the shards and dataset_info.json (see the module doc); returns the summary; problems go to `log` (stderr)."""
+  """Writes the shards and dataset_info.json (see the module doc); returns the summary; problems
+  go to `log` (stderr)."""
   log = log or sys.stderr
   from big_vision_lite.data.sources import write_array_record
   if not 0 <= val_fraction < 1:

@@ -9,7 +9,7 @@ import numpy as np
 
 from conftest import COMMON, ROOT, TINY, metric_rows, steps_on_disk, tiny_config
 
-from big_vision_lite import checkpoint, sharding, train
+from big_vision_lite import sharding, train
 from big_vision_lite.data import pipeline
 
 
@@ -65,7 +65,8 @@ def test_nan_stop_exits_1_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, 
   err = capsys.readouterr().err
   assert code == 1
   last = err.strip().splitlines()[-1]
-  assert last.startswith("error: loss, gradient or updated params not finite at step 5 (nan_policy='stop'); stopped at step 6")
+  assert last.startswith("error: loss, gradient or updated params not finite at step 5 (nan_policy='stop'); "
+                         "stopped at step 6")
   assert "the last complete checkpoint is step 4" in last
   assert steps_on_disk(tmp_path)[-1] == 4  # no checkpoint of step 6 (after the bad step)
   rows = metric_rows(tmp_path)

@@ -45,7 +45,7 @@ def test_sigint_mid_run_saves_and_exits_130_with_the_resume_command(start_cli, t
   assert last.startswith("interrupted (SIGINT) at step "), last
   step = int(last.split("at step ")[1].split(":")[0])
   assert steps_on_disk(tmp_path)[-1] == step >= 3  # ckpt_steps=100: the interrupt's own save
-  assert f"resume with: python -m big_vision_lite.train --config configs/vit_shapes.py" in last
+  assert "resume with: python -m big_vision_lite.train --config configs/vit_shapes.py" in last
   assert f"--workdir {tmp_path}" in last
 
 
