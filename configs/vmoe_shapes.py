@@ -7,13 +7,12 @@
 #   python -m big_vision_lite.train --config configs/vmoe_shapes.py --workdir runs/vmoe
 #
 # Expected: validation prec@1 comparable to the dense configs/vit_shapes.py (>= 0.90).
-# Measured with the earlier losses (batch-wide importance on noisy gates) and no capacity
-# rounding; not yet re-measured with vmoe's per-group losses and cap_multiple=4
-# (cap_multiple=0 gives the exact C of that run). 1 CPU device: MoE 0.5085 / 0.842 /
-# 0.933 / 0.953 at steps 300 / 600 / 900 / 1200; the dense vit_shapes.py 0.557 / 0.820 / 0.914 / 0.9425.
-# ~25% of token choices dropped at capacity 1.05 (moe/dropped; 0 at eval capacity 1.5 is
-# not guaranteed). The MoE run shared 2 cores with ~5 other jobs (54 min wall, 11.4 min
-# user CPU), so its wall time is not comparable with the dense run's 7 min on a quiet machine.
+# Measured with vmoe's per-group losses and cap_multiple=4 (2-core "Intel(R) Xeon(R) Processor"
+# VM, family 6 model 207, 1 CPU device, 2026-12-01, both runs on the same host and commit):
+# MoE 0.46 / 0.794 / 0.918 / 0.9415 at steps 300 / 600 / 900 / 1200; the dense vit_shapes.py
+# 0.497 / 0.8225 / 0.9205 / 0.9435. 20.5% of token choices dropped at capacity 1.05 at the end
+# (block 1: 22.9%, block 3: 18.0%; moe/dropped in metrics.jsonl). CPU time 13.1 min (MoE) vs
+# 9.6 min (dense); wall 19 / 24 min on a machine shared with other jobs, so not comparable.
 """MoE-ViT on bvl_shapes: the dense vit_shapes recipe with sparse expert MLPs."""
 
 import os
