@@ -30,6 +30,7 @@ import json
 import logging as py_logging
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -210,6 +211,73 @@ class _DropOrbaxTracebacks(py_logging.Filter):
 _ORBAX_FILTER = _DropOrbaxTracebacks()
 
 
+def _from_a_save(exc: BaseException | None) -> bool:
+  """Whether `exc` is a failed tensorstore/orbax write (its text or frames name them)."""
+  if exc is None:
+    return False
+  if "tensorstore" in str(exc) or "OCDBT" in str(exc):
+    return True
+  tb = exc.__traceback__
+  while tb is not None:
+    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _DropUnretrievedSaveErrors(py_logging.Filter):
+  """Drops asyncio's "exception was never retrieved" for the other writes of a failed save.
+
+  When one array write of an async save fails (a full disk), orbax raises that one; the
+  sibling writes that failed alike are collected later and asyncio logs each, with its
+  tensorstore spec, as the interpreter exits. The save's error is reported once, as a
+  CheckpointError.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if "exception was never retrieved" not in str(record.msg):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_from_a_save(exc) or f"{os.sep}orbax{os.sep}" in record.getMessage())
+
+
+_ASYNCIO_FILTER = _DropUnretrievedSaveErrors()
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+  """tensorstore completing a write of a failed save after orbax closed that save's event loop."""
+  exc = unraisable.exc_value
+  if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    return False
+  tb, files = exc.__traceback__, []
+  while tb is not None:
+    files.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  return bool(files) and all(f"{os.sep}asyncio{os.sep}" in f for f in files)
+
+
+def _quiet_failed_saves() -> None:
+  """Keeps a failed background save to its one CheckpointError (installed once per process).
+
+  Besides orbax's own logged tracebacks (_DropOrbaxTracebacks) a save that hits a full disk
+  makes two more kinds of noise: asyncio's unretrieved-exception logs (_DropUnretrievedSaveErrors)
+  and tensorstore's callbacks into the closed loop, which Python reports as unraisable
+  "RuntimeError: Event loop is closed" tracebacks. Other unraisable errors go to the
+  previous hook unchanged.
+  """
+  py_logging.getLogger("absl").addFilter(_ORBAX_FILTER)
+  py_logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
+  if getattr(sys.unraisablehook, "_bvl_quiet_saves", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_closed_loop_callback(unraisable):
+      previous(unraisable)
+  hook._bvl_quiet_saves = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+
+
 
 class Checkpointer:
   """An orbax CheckpointManager over items ("state", "data", "digest") with safety checks."""
@@ -220,7 +288,7 @@ class Checkpointer:
     self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
     self._warned: set[str] = set()
     # Orbax logs through absl's logger; its failed saves are re-raised by save() or wait.
-    py_logging.getLogger("absl").addFilter(_ORBAX_FILTER)
+    _quiet_failed_saves()
     self._set_aside_incomplete()
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -328,13 +396,18 @@ class Checkpointer:
 
   # -- restore ---------------------------------------------------------------
 
-  def restore(self, step: int | None, abstract_state: Any, data_iter: Any = None) -> Any:
+  def restore(self, step: int | None, abstract_state: Any, data_iter: Any = None, *,
+              zero_if_missing: tuple[str, ...] = ()) -> Any:
     """Restores the state onto `abstract_state`'s shardings; sets `data_iter` in place.
 
     `abstract_state` is a pytree of jax.ShapeDtypeStruct with NamedShardings,
     on any mesh (it need not be the one the checkpoint was saved from). Values
     are cast to the requested dtypes. `step=None` means the latest complete one.
+    `zero_if_missing`: array names, or prefixes ending in "/", that a checkpoint written
+    before they were part of the state may lack; they start at zero, and `self.zero_filled`
+    lists them after the restore (empty when the checkpoint had everything).
     """
+    self.zero_filled: list[str] = []
     if step is None:
       step = self.latest_step()
       if step is None:
@@ -343,6 +416,13 @@ class Checkpointer:
     problem = step_dir_problem(step_dir)
     if problem is not None:
       raise CheckpointError(f"checkpoint {step_dir} is not usable: {problem}")
+    absent = []
+    if zero_if_missing:
+      saved = read_state_metadata(step_dir / STATE_ITEM)
+      absent = [n for n in flatten_with_names(abstract_state) if n not in saved
+                and any(n == z or (z.endswith("/") and n.startswith(z)) for z in zero_if_missing)]
+    full_abstract = abstract_state
+    abstract_state = _drop_names(abstract_state, set(absent)) if absent else abstract_state
     check_compatible(step_dir / STATE_ITEM, abstract_state)
     args = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
@@ -358,7 +438,10 @@ class Checkpointer:
       raise CheckpointError(f"cannot restore checkpoint {step_dir}: {short_error(e)}") from e
     if record is not None:
       _check_array_digests(step_dir, record, restored[STATE_ITEM])
-    return restored[STATE_ITEM]
+    if not absent:
+      return restored[STATE_ITEM]
+    self.zero_filled = absent
+    return _with_zeros(restored[STATE_ITEM], full_abstract, set(absent))
 
   def _read_digests(self, step_dir: epath.Path) -> dict[str, Any] | None:
     """The step's digest record; None (with a warning) for a step saved before there were digests."""
@@ -465,6 +548,31 @@ def read_state_metadata(state_dir: epath.PathLike) -> dict[str, Any]:
     raise CheckpointError(f"cannot read checkpoint metadata in {state_dir}: {short_error(e)}") from e
   tree = getattr(md, "tree", md)
   return flatten_with_names(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def _drop_names(tree: Any, names: set[str], prefix: str = "") -> Any:
+  """`tree` (nested dicts) without the leaves named in `names`, nor dicts left empty by that."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}{k}"
+    if name in names:
+      continue
+    sub = _drop_names(v, names, name + "/")
+    if not (isinstance(sub, dict) and not sub and isinstance(v, dict) and v):
+      out[k] = sub
+  return out
+
+
+def _with_zeros(restored: Any, abstract: Any, names: set[str], prefix: str = "") -> Any:
+  """`restored` with each leaf of `abstract` named in `names` added as zeros on its sharding."""
+  if not isinstance(abstract, dict):
+    if prefix.rstrip("/") in names:
+      return jax.device_put(np.zeros(abstract.shape, abstract.dtype), abstract.sharding)
+    return restored
+  have = restored if isinstance(restored, dict) else {}
+  return {k: _with_zeros(have.get(k), v, names, f"{prefix}{k}/") for k, v in abstract.items()}
 
 
 def check_compatible(state_dir: epath.PathLike, abstract_state: Any) -> None:

@@ -94,16 +94,38 @@ def read_text(path: str | os.PathLike) -> str:
     return f.read()
 
 
+def _remote_files(path: str) -> list[str]:
+  """'/'-joined paths, relative to the folder `path`, of every object below it (`path/...` only).
+
+  fsspec-backed walks name their folders without the scheme ('bucket/dir'): the relative
+  paths are cut from those names at exactly `bucket/dir/`, so a sibling `bucket/dir2/...`
+  is never taken for part of `bucket/dir`.
+  """
+  base = os.fspath(path).rstrip("/").split("://", 1)[1] + "/"
+  rels = _remote(lambda: [f"{os.fspath(r).split('://', 1)[-1].rstrip('/')}/{n}"
+                          for r, _, names in as_path(path).walk() for n in names], path)
+  return sorted(r[len(base):] for r in rels if r.startswith(base))
+
+
 def rename(src: str, dst: str) -> None:
-  """Moves a file or a directory tree (on object stores: copy, then delete)."""
+  """Moves a file or a directory tree (on object stores: copy, then delete each object copied)."""
   if not is_remote(src) and not is_remote(dst):
     os.rename(src, dst)
     return
   s, d = as_path(src), as_path(dst)
-  if _remote(s.is_dir, src):
-    for f in _remote(lambda: [r / n for r, _, names in s.walk() for n in names], src):
-      copy(os.fspath(f), join(dst, os.fspath(f.relative_to(s))))
-    _remote(s.rmtree, src)
+  if is_remote(src) and _remote(s.is_dir, src):
+    rels = _remote_files(src)
+    for rel in rels:
+      copy(join(src, rel), join(dst, rel))
+    for rel in rels:  # not rmtree: on a prefix store that may take `src*`, not only `src/`
+      _remote(as_path(join(src, rel)).unlink, src)
+  elif is_remote(src) != is_remote(dst) or s.is_dir():
+    if s.is_dir():  # a local folder to an object store
+      upload_tree(src, dst)
+      shutil.rmtree(src)
+    else:
+      copy(src, dst)
+      _remote(s.unlink, src) if is_remote(src) else os.remove(src)
   else:
     _remote(s.rename, src, d)
 
@@ -166,14 +188,10 @@ def local_copy(path: str) -> Iterator[str]:
   with tempfile.TemporaryDirectory(prefix="bvl_fetch_") as tmp:
     dst = os.path.join(tmp, os.fspath(path).rstrip("/").rsplit("/", 1)[-1] or "data")
     if isdir(path):
-      scheme, base = os.fspath(path).rstrip("/").split("://", 1)
-      # fsspec-backed walks name their folders without the scheme ('bucket/dir'): paths are rebuilt.
-      rels = _remote(lambda: [f"{os.fspath(r).split('://', 1)[-1]}/{n}"[len(base) + 1:]
-                              for r, _, names in as_path(path).walk() for n in names], path)
-      for rel in rels:
+      for rel in _remote_files(path):
         local = os.path.join(dst, *rel.split("/"))
         os.makedirs(os.path.dirname(local), exist_ok=True)
-        copy(f"{scheme}://{base}/{rel}", local)
+        copy(join(os.fspath(path), rel), local)
     else:
       copy(path, dst)
     yield dst

@@ -342,7 +342,9 @@ def _restore_or_init(setup: Setup, config, ckpt: checkpoint.Checkpointer | None,
       try:
         # Another process count wrote it: no iterator file for us; the data order is global, so seek.
         same_layout = distributed.has_data_state(ckpt.step_path(step))
-        state = ckpt.restore(step, setup.abstract_state, train_iter if same_layout else None)
+        # The loss guard's counters joined the state after runs that users resume: zeros then.
+        state = ckpt.restore(step, setup.abstract_state, train_iter if same_layout else None,
+                             zero_if_missing=("guard/",))
         if not same_layout:
           distributed.seek(train_iter, step)
       except checkpoint.CheckpointError as e:
@@ -353,6 +355,9 @@ def _restore_or_init(setup: Setup, config, ckpt: checkpoint.Checkpointer | None,
         continue
       if jax.process_index() == 0:
         print(f"resumed from step {step} (checkpoint {ckpt.step_path(step)})", flush=True)
+        if ckpt.zero_filled:
+          print(f"note: checkpoint step {step} predates the loss guard's {', '.join(ckpt.zero_filled)} "
+                "(written by an older version): they start at 0", flush=True)
       return state, step
     unusable = sorted(p.name for p in ckpt.directory.iterdir() if ".unusable-" in p.name) \
         if ckpt.directory.is_dir() else []  # an object store has no empty folders

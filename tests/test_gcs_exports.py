@@ -186,3 +186,96 @@ def test_tokenizers_read_gcs_files(gcs, tmp_path):
   assert sp.vocab_size == 25 and sp.decode(sp.encode("a red circle")) == "a red circle"
   with pytest.raises(FileNotFoundError):
     tokenizers.SentencePieceTokenizer(f"gs://{BUCKET}/tok/none.model")
+
+
+@pytest.fixture(scope="module")
+def siglip_run(tmp_path_factory):
+  """A local two_towers workdir (the one tests/test_convert_siglip.py exports) and its flat params."""
+  pytest.importorskip("torch")
+  from big_vision_lite.convert import torch_env
+  torch_env.setup()
+  pytest.importorskip("transformers")
+  pytest.importorskip("open_clip")
+  from test_convert_siglip import L, MODEL, random_params
+  from big_vision_lite.checkpoint import Checkpointer
+  from big_vision_lite.convert import tables
+  workdir = tmp_path_factory.mktemp("gcs_siglip") / "run"
+  flat = random_params(MODEL)
+  with Checkpointer(str(workdir / "checkpoints"), save_interval_steps=1) as ckpt:
+    ckpt.save(3, {"params": tables.nest(flat), "step": np.int32(3)}, force=True)
+    ckpt.wait_until_finished()
+  (workdir / "config.json").write_text(json.dumps(dict(
+      model_name="two_towers", model=MODEL,
+      input=dict(pp=f"decode|resize(16)|value_range(-1, 1)|tokenize({L}, model='bvl_shapes', key='caption', "
+                 "key_result='labels')"))))
+  return str(workdir), flat
+
+
+def _no_local_paths(folder, *local):
+  """Asserts no file below `folder` names a local temporary path (staging folder, the tmp dir)."""
+  import tempfile
+  needles = [tempfile.gettempdir(), "bvl_stage_", *local]
+  for root, _, names in os.walk(folder):
+    for n in names:
+      with open(os.path.join(root, n), "rb") as f:
+        data = f.read()
+      for needle in needles:
+        assert needle.encode() not in data, f"{os.path.join(root, n)} names {needle}"
+
+
+def _ours(flat, spec, texts_ids, images):
+  from test_convert_siglip import MODEL
+  from big_vision_lite.convert import towers
+  return towers.run_ours(flat, towers.build_ours(spec, MODEL), images, texts_ids)
+
+
+def test_cli_exports_transformers_to_gcs(gcs, siglip_run, tmp_path):
+  """`python -m big_vision_lite.convert --to transformers --out gs://...`: the folder in the bucket
+  loads in transformers (offline) and matches our logits; no local path is written into it."""
+  from big_vision_lite.convert import towers
+  workdir, flat = siglip_run
+  out = f"gs://{BUCKET}/exports/siglip_hf"
+  r = _py(["-m", "big_vision_lite.convert", "--workdir", workdir, "--to", "transformers", "--out", out], gcs)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "verify: max |ours - transformers|" in r.stdout and f"uploaded to {out}" in r.stdout
+  assert {"config.json", "model.safetensors"} <= set(storage.listdir(out))
+  local = _download(out, tmp_path)
+  _no_local_paths(local, workdir)
+  import torch
+  import transformers
+  model = transformers.SiglipModel.from_pretrained(local, local_files_only=True).eval()
+  spec = towers.spec_from_params(flat, dict(json.loads(open(os.path.join(workdir, "config.json")).read())["model"]),
+                                 image_size=16)
+  images, texts = towers.fixed_inputs(spec)
+  ours = _ours(flat, spec, texts, images)
+  with torch.no_grad():
+    theirs = model(input_ids=torch.from_numpy(texts.astype(np.int64)),
+                   pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).logits_per_image
+  np.testing.assert_allclose(theirs.numpy(), ours["logits"], atol=1e-4, rtol=0)  # the converter's limit
+
+
+def test_cli_exports_open_clip_to_gcs_naming_the_bucket_not_the_staging_folder(gcs, siglip_run, tmp_path):
+  """`--to open_clip --out gs://...`: open_clip_config.json names the gs:// folder's trunk (not the
+  deleted staging folder); downloaded and pointed at its new place as the CLI's note says, it loads
+  in open_clip and matches our logits."""
+  from big_vision_lite.convert import open_clip_siglip, towers
+  workdir, flat = siglip_run
+  out = f"gs://{BUCKET}/exports/siglip_oc"
+  r = _py(["-m", "big_vision_lite.convert", "--workdir", workdir, "--to", "open_clip", "--out", out], gcs)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "verify: max |ours - open_clip|" in r.stdout and f"uploaded to {out}" in r.stdout
+  assert "bvl_stage_" not in r.stdout  # the log names where the folder is, not where it was staged
+  assert f"local-dir:{out}/timm" in r.stdout
+  local = _download(out, tmp_path)
+  _no_local_paths(local, workdir)
+  cfg = json.loads(open(os.path.join(local, open_clip_siglip.CONFIG)).read())["model_cfg"]
+  assert cfg["vision_cfg"]["timm_model_name"] == f"local-dir:{out}/timm"
+  assert cfg["text_cfg"]["hf_tokenizer_name"] == out
+  open_clip_siglip.relocate(local, local)  # what the note tells the user to edit
+  import open_clip
+  model = open_clip.create_model(f"local-dir:{local}").eval()
+  spec = towers.spec_from_params(flat, dict(json.loads(open(os.path.join(workdir, "config.json")).read())["model"]),
+                                 image_size=16)
+  images, texts = towers.fixed_inputs(spec)
+  theirs = open_clip_siglip.run_torch(model, images, texts)
+  np.testing.assert_allclose(theirs["logits"], _ours(flat, spec, texts, images)["logits"], atol=1e-4, rtol=0)

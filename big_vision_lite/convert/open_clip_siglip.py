@@ -107,8 +107,13 @@ def from_state_dict(sd: Mapping[str, Any], spec: towers.TowersSpec, *, scan: boo
 
 
 def export(flat: Mapping[str, np.ndarray], spec: towers.TowersSpec, out: str,
-           tokenizer: tuple[str, int] | None = None) -> tuple[dict[str, Any], list[str]]:
-  """Writes the open_clip folder; returns (model_cfg, notes)."""
+           tokenizer: tuple[str, int] | None = None,
+           location: str | None = None) -> tuple[dict[str, Any], list[str]]:
+  """Writes the open_clip folder; returns (model_cfg, notes).
+
+  `location`: where the folder will live when `out` is a staging copy (a gs:// export): the notes
+  name it; `relocate(out, location)` then points the config there.
+  """
   import torch
   from safetensors.torch import save_file
   check_supported(spec)
@@ -117,7 +122,8 @@ def export(flat: Mapping[str, np.ndarray], spec: towers.TowersSpec, out: str,
   os.makedirs(timm_dir, exist_ok=True)
   with open(os.path.join(timm_dir, "config.json"), "w") as f:
     json.dump(timm_vit.hub_config(_trunk_spec(spec)), f, indent=2)
-  notes = [f"the vision trunk is named by absolute path (vision_cfg.timm_model_name = local-dir:{timm_dir}): "
+  where = f"{location.rstrip('/')}/timm" if location else timm_dir
+  notes = [f"the vision trunk is named by absolute path (vision_cfg.timm_model_name = local-dir:{where}): "
            "after moving the folder, edit that entry"]
   tok: dict[str, Any] = {}
   if tokenizer is not None:
@@ -139,6 +145,24 @@ def export(flat: Mapping[str, np.ndarray], spec: towers.TowersSpec, out: str,
   sd = to_state_dict(flat, spec, expect=expect)
   save_file({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, os.path.join(out, WEIGHTS))
   return cfg, notes
+
+
+def relocate(out: str, location: str) -> dict[str, Any]:
+  """Points the folder `out`'s config at `location` (where it is copied to); returns the config.
+
+  open_clip names the vision trunk (`local-dir:<folder>/timm`) and the tokenizer by absolute
+  path: a staged export would otherwise record its temporary folder.
+  """
+  path = os.path.join(out, CONFIG)
+  with open(path) as f:
+    cfg = json.load(f)
+  location = location.rstrip("/")
+  cfg["model_cfg"]["vision_cfg"]["timm_model_name"] = f"local-dir:{location}/timm"
+  if cfg["model_cfg"]["text_cfg"].get("hf_tokenizer_name"):
+    cfg["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = location
+  with open(path, "w") as f:
+    json.dump(cfg, f, indent=2)
+  return cfg
 
 
 def create_model(out: str):

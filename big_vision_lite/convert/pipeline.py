@@ -97,13 +97,13 @@ def export_run(workdir: str, out: str, *, to: str = "timm", step: int | None = N
   # when everything passed. A local --out is written in place, as before.
   with _staged(out) as local:
     result = _export_run(config, flat, workdir, local, to=to, subtree=subtree, image_size=image_size,
-                         verify=verify, atol=atol, log=log)
+                         verify=verify, atol=atol, log=log, location=None if local == out else out)
   if local != out:
     result["out"] = out
     log(f"uploaded to {out}")
     if to == "open_clip":
-      log(f"note: open_clip_config.json names the vision trunk by the local staging path ({local}/timm, now "
-          "deleted): after downloading the folder, set vision_cfg.timm_model_name to local-dir:<its timm folder>")
+      log(f"note: open_clip_config.json names the vision trunk local-dir:{out.rstrip('/')}/timm: after "
+          "downloading the folder to D, set vision_cfg.timm_model_name to local-dir:D/timm")
   return result
 
 
@@ -120,10 +120,11 @@ def _staged(out: str):
 
 
 def _export_run(config, flat, workdir: str, out: str, *, to: str, subtree: str | None,
-                image_size: int | None, verify: bool, atol: float, log) -> dict[str, Any]:
+                image_size: int | None, verify: bool, atol: float, log,
+                location: str | None = None) -> dict[str, Any]:
   if to in ("transformers", "open_clip"):
     return export_towers(config, flat, out, to=to, image_size=image_size, verify=verify, atol=atol,
-                         log=log, what=workdir)
+                         log=log, what=workdir, location=location)
   prefix, kw, module = vit_subtree(config, flat, subtree)
   sub = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
   if not prefix and (others := sorted(set(flat) - set(sub))):
@@ -146,8 +147,11 @@ def _export_run(config, flat, workdir: str, out: str, *, to: str, subtree: str |
 
 def export_towers(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], out: str, *, to: str,
                   image_size: int | None = None, verify: bool = True, atol: float = ATOL, log=print,
-                  what: str = "run") -> dict[str, Any]:
-  """A two_towers run's params -> a transformers SiglipModel or open_clip folder (+ parity check)."""
+                  what: str = "run", location: str | None = None) -> dict[str, Any]:
+  """A two_towers run's params -> a transformers SiglipModel or open_clip folder (+ parity check).
+
+  `location`: where `out`, a staging folder, is uploaded to; the files name it, not `out`.
+  """
   from big_vision_lite.convert import hf_siglip, open_clip_siglip
   name = config.get("model_name")
   if name != "two_towers":
@@ -160,10 +164,10 @@ def export_towers(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], out
   lib = hf_siglip if to == "transformers" else open_clip_siglip
   eos = hf_siglip.tokenize_eos_from_config(config)
   _, notes = (lib.export(flat, spec, out, tokenizer=tok, eos=eos) if to == "transformers"
-              else lib.export(flat, spec, out, tokenizer=tok))
+              else lib.export(flat, spec, out, tokenizer=tok, location=location))
   load = ('transformers.SiglipModel.from_pretrained(OUT)' if to == "transformers"
           else 'open_clip.create_model_and_transforms("local-dir:OUT")')
-  log(f"wrote {out} ({to}; load with {load}): image {spec.img.image_size} patch {spec.img.patch} "
+  log(f"wrote {location or out} ({to}; load with {load}): image {spec.img.image_size} patch {spec.img.patch} "
       f"width {spec.img.width}, text len {spec.txt.max_len} vocab {spec.txt.vocab_size}")
   for n in notes:
     log(f"note: {n}")
@@ -181,6 +185,8 @@ def export_towers(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], out
         + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()) + ")")
     if not diff <= atol:
       raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {atol:g}")
+  if to == "open_clip" and location:
+    open_clip_siglip.relocate(out, location)  # after the check, which loads the staged folder
   return result
 
 

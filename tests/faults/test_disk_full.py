@@ -3,6 +3,7 @@ newest intact checkpoint, no tracebacks; the previous checkpoint stays complete 
 
 import errno
 import os
+import shlex
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from orbax.checkpoint._src.path import async_path
 
-from conftest import COMMON, ROOT, TINY, steps_on_disk
+from conftest import COMMON, ROOT, TINY, metric_rows, steps_on_disk
 
 from big_vision_lite.checkpoint import CheckpointError, Checkpointer, short_error
 
@@ -87,3 +88,60 @@ def test_full_disk_is_one_line_with_the_cause_and_the_intact_step(compile_cache,
   want = 2 if where == "ckpt" else 4
   assert f"newest complete checkpoint (left intact): step {want} in " in lines[0], lines[0]
   assert want in steps_on_disk(tmp_path)
+
+
+def _mount_namespace() -> list[str] | None:
+  """`unshare` arguments giving a private mount namespace where tmpfs can be mounted, else None."""
+  for args in (["unshare", "-m"], ["unshare", "-rm"]):
+    try:
+      r = subprocess.run([*args, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt && umount /mnt"],
+                         capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+      return None
+    if r.returncode == 0:
+      return args
+  return None
+
+
+def test_disk_filling_during_array_writes_is_one_line_and_the_run_resumes(compile_cache, tmp_path):
+  """A real full disk (a 64 MiB tmpfs) during a checkpoint's tensorstore writes: one line, exit 1,
+  no tracebacks of orbax's background threads (asyncio's "Event loop is closed", "exception was
+  never retrieved"); once space is freed the same command resumes from the intact step."""
+  ns = _mount_namespace()
+  if ns is None:
+    pytest.skip("needs a private mount namespace for a small tmpfs (root or user namespaces)")
+  disk, out = tmp_path / "disk", tmp_path / "out"
+  disk.mkdir()
+  out.mkdir()
+  q = shlex.quote
+  args = " ".join(q(a) for a in ["--config", TINY, "--workdir", str(disk / "run"), *COMMON])
+  driver = q(os.path.join(os.path.dirname(__file__), "disk_full_driver.py"))
+  py = q(sys.executable)
+  script = f"""
+mount -t tmpfs -o size=64m tmpfs {q(str(disk))} || exit 99
+{py} {driver} fill {q(str(disk))} 6 {args} > {q(str(out / '1.out'))} 2> {q(str(out / '1.err'))}
+echo $? > {q(str(out / '1.rc'))}
+rm -f {q(str(disk / 'filler'))}
+{py} -m big_vision_lite.train {args} > {q(str(out / '2.out'))} 2> {q(str(out / '2.err'))}
+echo $? > {q(str(out / '2.rc'))}
+cp -r {q(str(disk / 'run'))} {q(str(out / 'run'))}
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
+  env.pop("BVL_FAULT", None)
+  r = subprocess.run([*ns, "sh", "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                     cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  read = lambda name: (out / name).read_text()
+  err = read("1.err")
+  assert read("1.rc").strip() == "1", err[-3000:]
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, f"{len(lines)} stderr lines:\n{err[-3000:]}"
+  assert lines[0].startswith("error: ") and "No space left on device" in lines[0], lines[0]
+  assert "newest complete checkpoint (left intact): step 4 in " in lines[0], lines[0]
+  # Nothing lost: step 4 restores and the run finishes; metrics.jsonl holds every step once.
+  assert read("2.rc").strip() == "0", read("2.err")[-3000:]
+  assert "resumed from step 4 " in read("2.out"), read("2.out")[-2000:]
+  assert [row["step"] for row in metric_rows(out / "run")] == list(range(1, 13))
+  assert 12 in steps_on_disk(out / "run")

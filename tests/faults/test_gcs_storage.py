@@ -126,3 +126,37 @@ def test_checkpoint_kill_and_resume_on_gcs(gcs, shapes_data, run_cli, tmp_path):
   assert sorted(rows) == list(range(1, 9))  # the killed run's rows up to the checkpoint were uploaded
   assert [rows[s]["loss"] for s in rows] == [want[s]["loss"] for s in rows]
   assert not os.path.exists(os.path.join(ROOT, "gs:")), "a gs:// path went to the local disk"
+
+
+def test_caption_samples_write_into_a_gcs_workdir(gcs, shapes_data, compile_cache):
+  """The CapPa recipe (tiny) with a gs:// workdir: caption_samples writes <name>.json (this run's
+  captions) and <name>.jsonl (one line per eval, rewritten whole: object stores cannot append)."""
+  import subprocess
+  import sys
+  from conftest import cli_env
+  data_dir = shapes_data[1]
+  workdir = f"gs://{BUCKET}/cappa"
+  pp = ("decode|resize(16)|value_range(-1, 1)|tokenize(16, model='bvl_shapes', key='caption', "
+        "key_result='labels')|keep('image', 'labels')")
+  evals = {"samples": {"type": "caption_samples", "pp": pp, "num_samples": 4, "log_steps": 2, "batch_size": 8,
+                       "data": {"name": "bvl_shapes/tiny", "split": "validation", "data_dir": data_dir}}}
+  cmd = [sys.executable, "-m", "big_vision_lite.train", "--config",
+         "configs/cappa_shapes.py:steps=4,batch=8,res=16,width=16,depth=1,dec_depth=1,heads=2,patch=8,workers=0",
+         "--workdir", workdir, "--config.input.data.name=bvl_shapes/tiny",
+         f"--config.input.data.data_dir={data_dir}", f"--config.evals={evals!r}", "--config.ckpt_steps=0",
+         "--config.progress=False", "--config.log_training_steps=1", "--config.mfu_peak_flops=1e12",
+         "--config.schedule.warmup_steps=1"]
+  r = subprocess.run(cmd, env={**cli_env(compile_cache), **gcs}, capture_output=True, text=True, timeout=600,
+                     cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = json.loads(storage.read_text(f"{workdir}/samples.json"))
+  assert [row["index"] for row in rows] == [0, 1, 2, 3]
+  assert all(row["reference"].startswith("a ") and isinstance(row["caption"], str) for row in rows)
+  history = [json.loads(line) for line in storage.read_text(f"{workdir}/samples.jsonl").splitlines()]
+  assert [h["run"] for h in history] == [1, 2]  # the step-2 line kept when step 4's was added
+  assert history[-1]["samples"] == rows
+  metrics_rows = [json.loads(line) for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+  evals_logged = [m for m in metrics_rows if "samples/word_accuracy" in m]
+  assert [m["step"] for m in evals_logged] == [2, 4]
+  assert history[-1]["samples/word_accuracy"] == evals_logged[-1]["samples/word_accuracy"]
+  assert not os.path.exists(os.path.join(ROOT, "gs:")), "a gs:// path went to the local disk"
