@@ -17,13 +17,14 @@ import statistics
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_setup  # noqa: E402
 
-from big_vision_lite import config as config_lib, flops, sharding, train  # noqa: E402
+from big_vision_lite import build, config as config_lib, flops, sharding, train_step  # noqa: E402
 
 
 def _config(model_name: str, res: int, batch: int, group_images: int = 1) -> config_lib.ConfigDict:
@@ -46,21 +47,21 @@ def _prepare(model_name: str, res: int, batch: int, group_images: int):
   c = _config(model_name, res, batch, group_images)
   example = {"image": np.zeros((1, res, res, 3), np.float32), "labels": np.zeros((1, 1000), np.float32)}
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  setup = train.build(c, mesh=mesh, example=example)
+  setup = build.build(c, mesh=mesh, example=example)
   rng = np.random.default_rng(0)
   batch_np = {"image": rng.normal(size=(batch, res, res, 3)).astype(np.float32),
               "labels": np.eye(1000, dtype=np.float32)[rng.integers(0, 1000, batch)]}
-  with jax.set_mesh(mesh), train.nn.logical_axis_rules(setup.rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     state = setup.init_state(jax.random.PRNGKey(0))
     gb = sharding.global_batch(batch_np, mesh)
-    compiled = train.make_train_step(setup, 1).lower(state, gb).compile()
+    compiled = train_step.make_train_step(setup, 1).lower(state, gb).compile()
   analytic = flops.model_forward_flops(setup.model, example)
   return dict(mesh=mesh, rules=setup.rules, state=state, batch=gb, step=compiled,
               xla_flops=flops.compiled_flops(compiled), analytic=analytic)
 
 
 def _time_one(p) -> float:
-  with jax.set_mesh(p["mesh"]), train.nn.logical_axis_rules(p["rules"]):
+  with jax.set_mesh(p["mesh"]), nn.logical_axis_rules(p["rules"]):
     t0 = time.perf_counter()
     p["state"], m = p["step"](p["state"], p["batch"])
     jax.block_until_ready(m)

@@ -57,6 +57,7 @@ import sys
 import time
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -134,7 +135,7 @@ class Ours:
       def __enter__(self_inner):
         self_inner.a = jax.set_mesh(mesh)
         self_inner.a.__enter__()
-        self_inner.b = train.nn.logical_axis_rules(rules)
+        self_inner.b = nn.logical_axis_rules(rules)
         self_inner.b.__enter__()
 
       def __exit__(self_inner, *exc):

@@ -94,6 +94,8 @@ def defaults() -> ConfigDict:
   c.async_checkpoint = True
   c.mfu_peak_flops = 0.0  # per device; 0 = table value or measured CPU probe
   c.progress = True
+  # A jax.profiler trace of num_steps steps from start_step into <workdir>/profile; 0 steps = off.
+  c.profile = ConfigDict(dict(start_step=10, num_steps=0))
   # Resume a workdir whose config.json differs in more than the keys in RESUMABLE_CHANGES.
   c.allow_config_change = False
   return c
@@ -105,7 +107,7 @@ RESUMABLE_CHANGES = (
     "total_steps", "total_epochs", "evals", "log_training_steps", "progress", "ckpt_steps",
     "keep_ckpts", "keep_ckpt_steps", "async_checkpoint", "mfu_peak_flops", "mesh", "sharding_rules",
     "input.prefetch", "input.bad_examples", "input.max_bad_fraction", "nan_policy", "spike_skip",
-    "max_consecutive_skips", "allow_config_change",
+    "max_consecutive_skips", "allow_config_change", "profile",
 )
 
 
@@ -312,6 +314,10 @@ def validate(config: ConfigDict, num_devices: int, process_count: int = 1) -> No
   check(config.input.prefetch >= 0, "input.prefetch", f"must be >= 0, got {config.input.prefetch}")
   check(config.mfu_peak_flops >= 0, "mfu_peak_flops", f"must be >= 0, got {config.mfu_peak_flops}")
   _check_choice(config.nan_policy, "nan_policy", ("stop", "skip"))
+  check(config.profile.start_step >= 1, "profile.start_step",
+        f"must be >= 1, got {config.profile.start_step}")
+  check(config.profile.num_steps >= 0, "profile.num_steps",
+        f"must be >= 0 (0 = off), got {config.profile.num_steps}")
   _check_choice(config.input.bad_examples, "input.bad_examples", ("skip", "error"))
   check(0 <= config.input.max_bad_fraction <= 1, "input.max_bad_fraction",
         f"must be in [0, 1], got {config.input.max_bad_fraction}")

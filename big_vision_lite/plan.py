@@ -118,9 +118,9 @@ def _synthetic_record() -> dict:
 def example_for(config) -> tuple[dict, str]:
   """One preprocessed example (batch dim 1) and where it came from."""
   import numpy as np
-  from big_vision_lite import train
+  from big_vision_lite import build
   try:
-    return train.example_batch(config.input), f"first example of {config.input.data.get('name')}"
+    return build.example_batch(config.input), f"first example of {config.input.data.get('name')}"
   except Exception as first:  # noqa: BLE001 - no data here is the normal case when planning
     from big_vision_lite.data import ops as pp_ops
     try:
@@ -156,7 +156,7 @@ def plan(config, topology: str, memory_gib: float | None = None) -> dict[str, An
   """
   import flax.linen as nn
   import jax
-  from big_vision_lite import config as config_lib, distributed, flops, sharding, train
+  from big_vision_lite import build, config as config_lib, distributed, flops, sharding, train_step
 
   devices, chip = topology_devices(topology)
   hosts = len({d.process_index for d in devices})
@@ -176,8 +176,8 @@ def plan(config, topology: str, memory_gib: float | None = None) -> dict[str, An
 
   example, example_src = example_for(config)
   t0 = time.perf_counter()
-  setup = train.build(config, mesh=mesh, example=example)
-  step = train.make_train_step(setup, config.grad_accum_steps)
+  setup = build.build(config, mesh=mesh, example=example)
+  step = train_step.make_train_step(setup, config.grad_accum_steps)
   abstract_batch = {
       k: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim))
       for k, v in example.items()}

@@ -57,4 +57,6 @@ def get_config(arg=None):
   c.evals = {}  # add caption_perplexity / scoring_classifier / linear_probe on your own splits
   c.log_training_steps = 50
   c.ckpt_steps = 1000
+  # A jax.profiler trace of 3 steps after compile and warm-up, in <workdir>/profile.
+  c.profile = dict(start_step=10, num_steps=3)
   return c

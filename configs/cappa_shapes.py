@@ -66,6 +66,8 @@ def get_config(arg=None):
   c.evals = shapes_caption_evals(img_pp, eval_pp, every=400)
   c.log_training_steps = 50
   c.ckpt_steps = 400
+  # A jax.profiler trace of 3 steps after compile and warm-up, in <workdir>/profile.
+  c.profile = dict(start_step=10, num_steps=3)
   return c
 
 

@@ -59,4 +59,6 @@ def get_config(arg=None):
                           pp=f"decode|resize({args.res})" + labels, log_steps=0, batch_size=256))
   c.log_training_steps = 50
   c.ckpt_steps = 500
+  # A jax.profiler trace of 3 steps after compile and warm-up, in <workdir>/profile.
+  c.profile = dict(start_step=10, num_steps=3)
   return c

@@ -50,4 +50,6 @@ def get_config(arg=None):
   c.ckpt_steps = 1000
   c.keep_ckpts = 3
   c.keep_ckpt_steps = 10_000
+  # A jax.profiler trace of 3 steps after compile and warm-up, in <workdir>/profile.
+  c.profile = dict(start_step=10, num_steps=3)
   return c

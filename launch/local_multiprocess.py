@@ -45,8 +45,13 @@ def _pump(stream, prefix: str, out) -> None:
 def start(num_processes: int, trainer_args: Sequence[str], *, devices_per_process: int = 4,
           port: int | None = None, env: Mapping[str, str] | None = None,
           env_per_process: Sequence[Mapping[str, str]] | None = None,
-          cwd: str | None = None) -> list[subprocess.Popen]:
-  """Starts the N trainer processes (stdout/stderr piped, text) and returns them."""
+          cwd: str | None = None,
+          program_per_process: Sequence[Sequence[str]] | None = None) -> list[subprocess.Popen]:
+  """Starts the N trainer processes (stdout/stderr piped, text) and returns them.
+
+  `program_per_process`: the command each process runs in place of
+  `python -m big_vision_lite.train` (the trainer's arguments follow it).
+  """
   port = port or free_port()
   procs = []
   for i in range(num_processes):
@@ -56,7 +61,9 @@ def start(num_processes: int, trainer_args: Sequence[str], *, devices_per_proces
     penv.pop("XLA_FLAGS", None)  # a device-count flag there would override ours
     if env_per_process:
       penv.update(env_per_process[i])
-    cmd = [sys.executable, "-m", "big_vision_lite.train", *trainer_args]
+    program = (program_per_process[i] if program_per_process
+               else [sys.executable, "-m", "big_vision_lite.train"])
+    cmd = [*program, *trainer_args]
     if num_processes > 1:  # one process: a plain run, no coordinator to wait for
       cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
               f"--process_id={i}"]

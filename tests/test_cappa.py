@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from big_vision_lite import checkpoint, config as config_lib, decoding, models, pretrained, train
+from big_vision_lite import checkpoint, config as config_lib, decoding, models, pretrained, run
 from big_vision_lite.convert.tables import nest
 from big_vision_lite.models import decoder as dec
 from big_vision_lite.tasks.captioning import Captioning
@@ -209,7 +209,7 @@ def caption_config(model_name, steps=60, **model_extra):
 
 
 def run_and_check(config, workdir):
-  result = train.train_and_evaluate(config, str(workdir))
+  result = run.train_and_evaluate(config, str(workdir))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
   assert losses[-1] < 0.6 * losses[0], losses

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from big_vision_lite import config as config_lib, flops, sharding, train
+from big_vision_lite import build, config as config_lib, flops, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -38,7 +38,7 @@ def test_recipe_builds(spec, res, classes, tmp_path):
   config.total_steps = 20_000  # imagenet size is unknown without the data
   example = {"image": np.zeros((1, res, res, 3), np.float32),
              "labels": np.zeros((1, classes), np.float32)}
-  setup = train.build(config, mesh=sharding.make_mesh(config.mesh), example=example)
+  setup = build.build(config, mesh=sharding.make_mesh(config.mesh), example=example)
   n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
   if "variant=B/16" in spec:
     assert 86e6 < n_params < 87.5e6  # ViT-B/16 with a 1000-way head (+ pre-logits)
@@ -64,7 +64,7 @@ def test_captioning_recipe_builds_at_full_size(spec, res, n_range, tmp_path):
                                                f"spm={vocab},files=/d/*.tar"))
   config_lib.validate(config, num_devices=8)
   example = {"image": np.zeros((1, res, res, 3), np.float32), "labels": np.zeros((1, 64), np.int32)}
-  setup = train.build(config, mesh=sharding.make_mesh(config.mesh), example=example)
+  setup = build.build(config, mesh=sharding.make_mesh(config.mesh), example=example)
   params = setup.abstract_state["params"]
   n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
   assert n_range[0] < n_params < n_range[1], n_params

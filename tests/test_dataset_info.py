@@ -8,7 +8,7 @@ import tarfile
 import ml_collections
 import pytest
 
-from big_vision_lite import config as config_lib, train
+from big_vision_lite import build, config as config_lib
 from big_vision_lite.data import sources
 from big_vision_lite.evaluators import zero_shot
 from big_vision_lite.tools import make_dataset
@@ -25,7 +25,7 @@ def test_trainer_reads_split_size_from_the_summary_without_the_records(tmp_path,
   config = config_lib.load_config(os.path.join(ROOT, f"configs/own_folder.py:data={tmp_path / 'ds'},epochs=5"))
   config.input.batch_size = 4
   assert config.model.num_classes == 3
-  assert train.total_steps_of(config) == 34  # ceil(5 * 27 / 4)
+  assert build.total_steps_of(config) == 34  # ceil(5 * 27 / 4)
   assert zero_shot._builtin_class_names(config.evals.val.data) == ("cat", "dog", "emu")
 
 

@@ -193,20 +193,20 @@ def test_kept_memory_is_mostly_reused_without_page_faults():
 def test_report_step_memory_prints_sizes_and_the_growth_note(monkeypatch, capsys):
   import jax
   import jax.numpy as jnp
-  from big_vision_lite import train
+  from big_vision_lite.hooks import memory
   step = jax.jit(lambda x, y: (jnp.tanh(x @ y) @ y, x.sum()))
   x = jnp.ones((512, 512))
   step(x, x)  # compiled, as after the trainer's first step
   monkeypatch.setattr(host_memory, "kept_freed_memory", lambda: True)
   monkeypatch.setattr(host_memory, "available_bytes", lambda: 1)
-  train.report_step_memory(step, x, x)
+  memory.report_step_memory(step, x, x)
   out, err = capsys.readouterr()
   assert "train step memory per device (XLA's analysis): arguments 2.0 MiB, temporaries " in out
   assert "note: kept memory can grow this process by up to" in err and "BVL_KEEP_HEAP=0" in err
   monkeypatch.setattr(host_memory, "available_bytes", lambda: 2**40)
-  train.report_step_memory(step, x, x)
+  memory.report_step_memory(step, x, x)
   assert "note:" not in capsys.readouterr().err
   monkeypatch.setattr(host_memory, "kept_freed_memory", lambda: False)
   monkeypatch.setattr(host_memory, "available_bytes", lambda: 1)
-  train.report_step_memory(step, x, x)
+  memory.report_step_memory(step, x, x)
   assert "note:" not in capsys.readouterr().err  # glibc's defaults: no kept heap to grow

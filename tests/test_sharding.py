@@ -9,12 +9,13 @@ by far less. Parameters may differ by 1% of that largest move; losses by a relat
 
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from big_vision_lite import config as config_lib, sharding, train
+from big_vision_lite import build, config as config_lib, sharding, train_step
 
 SHAPES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "vit_shapes.py")
 
@@ -47,11 +48,11 @@ def _run(config, devices, steps=3):
   rng = np.random.default_rng(0)
   example = {"image": np.zeros((1, 16, 16, 3), np.float32), "labels": np.zeros((1, 8), np.float32)}
   mesh = sharding.make_mesh(config.mesh, devices)
-  setup = train.build(config, mesh=mesh, example=example)
-  step_fn = train.make_train_step(setup, config.grad_accum_steps)
+  setup = build.build(config, mesh=mesh, example=example)
+  step_fn = train_step.make_train_step(setup, config.grad_accum_steps)
   state = setup.init_state(jax.random.PRNGKey(0))
   losses = []
-  with jax.set_mesh(mesh), train.nn.logical_axis_rules(setup.rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     for _ in range(steps):
       batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
                "labels": np.eye(8, dtype=np.float32)[rng.integers(0, 8, 16)]}
@@ -106,7 +107,7 @@ def test_grad_accumulation_equals_full_batch(reference):
 def test_opt_state_follows_param_sharding():
   c = _tiny_config(fsdp=8)
   example = {"image": np.zeros((1, 16, 16, 3), np.float32), "labels": np.zeros((1, 8), np.float32)}
-  setup = train.build(c, mesh=sharding.make_mesh(c.mesh), example=example)
+  setup = build.build(c, mesh=sharding.make_mesh(c.mesh), example=example)
   specs = [s.spec for s in jax.tree.leaves(setup.state_shardings["opt_state"])]
   assert any("fsdp" in str(s) for s in specs)
   assert P() in specs  # step counters stay replicated
@@ -117,12 +118,12 @@ def test_frozen_params_train_sharded_and_stay_bit_identical():
   c.frozen = ["Transformer/encoderblock_0/.*"]
   example = {"image": np.zeros((1, 16, 16, 3), np.float32), "labels": np.zeros((1, 8), np.float32)}
   mesh = sharding.make_mesh(c.mesh)
-  setup = train.build(c, mesh=mesh, example=example)
-  step_fn = train.make_train_step(setup, 1)
+  setup = build.build(c, mesh=mesh, example=example)
+  step_fn = train_step.make_train_step(setup, 1)
   state = setup.init_state(jax.random.PRNGKey(0))
   before = jax.device_get(state["params"])
   rng = np.random.default_rng(0)
-  with jax.set_mesh(mesh), train.nn.logical_axis_rules(setup.rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     for _ in range(3):
       batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
                "labels": np.eye(8, dtype=np.float32)[rng.integers(0, 8, 16)]}

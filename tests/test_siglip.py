@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from big_vision_lite import config as config_lib, models, pretrained, sharding, train
+from big_vision_lite import build, config as config_lib, models, pretrained, run, sharding
 
 DATA = dict(name="bvl_shapes/tiny", split="train")
 VAL = dict(name="bvl_shapes/tiny", split="validation")
@@ -51,7 +51,7 @@ def test_siglip_learns_and_evaluators_report(tmp_path):
       probe=dict(type="linear_probe", train_data=DATA, train_pp=f"{IMG_PP}|keep('image', 'label')",
                  data=VAL, pp=f"{IMG_PP}|keep('image', 'label')", num_classes=8, shots=[1, 5],
                  batch_size=64))
-  result = train.train_and_evaluate(_config(evals=evals), str(tmp_path))
+  result = run.train_and_evaluate(_config(evals=evals), str(tmp_path))
   losses = _losses(tmp_path)
   assert losses[-1] < 0.8 * losses[0], losses
   assert result["zs/examples"] == 128 and 0.0 <= result["zs/accuracy"] <= 1.0
@@ -74,14 +74,14 @@ def test_lit_loads_vit_into_img_and_keeps_it_frozen(tmp_path):
   workdir = tmp_path / "lit"
   config = _config(steps=10, frozen=["img/.*"], model_init=str(npz),
                    model_load=dict(target_prefix="img", allow_mismatch=True))
-  train.train_and_evaluate(config, str(workdir))
+  run.train_and_evaluate(config, str(workdir))
   after = pretrained.read_params(str(workdir))
   for name, value in flat.items():
     if name.startswith("head/"):  # 10 classes vs out_dim 32: kept at init (and frozen)
       continue
     np.testing.assert_array_equal(after[f"img/{name}"], value, err_msg=name)
   # The text tower, t and b did train.
-  init = nn.unbox(train.build(config).init_state(jax.random.PRNGKey(0))["params"])
+  init = nn.unbox(build.build(config).init_state(jax.random.PRNGKey(0))["params"])
   assert not np.array_equal(after["txt/Embed_0/embedding"], np.asarray(init["txt"]["Embed_0"]["embedding"]))
   assert not np.array_equal(after["t"], np.asarray(init["t"]))
 
@@ -90,6 +90,6 @@ def test_b16_recipe_builds():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = config_lib.load_config(os.path.join(root, "configs", "siglip_b16.py:spm=/x.model,files=/d/*.tar"))
   example = {"image": np.zeros((1, 224, 224, 3), np.float32), "labels": np.zeros((1, 64), np.int32)}
-  setup = train.build(config, mesh=sharding.make_mesh(config.mesh), example=example)
+  setup = build.build(config, mesh=sharding.make_mesh(config.mesh), example=example)
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
   assert 200e6 < n < 206e6, n  # B/16 towers, 32k vocab, image MAP head, text head: 203.2M (SigLIP B/16: ~203M)

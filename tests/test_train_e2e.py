@@ -1,8 +1,8 @@
 """End to end through `python -m big_vision_lite.train`: errors, learning, kill/resume, preemption.
 
 Runs that must be stopped from outside use subprocesses (2 fake CPU devices
-each); `BVL_FAULT=kill@N` / `term@N` makes the trainer signal itself right
-after step N's checkpoint save was issued, so the stop point is exact.
+each); a fault `kill@N` / `term@N` (tests/fault_entry.py) makes the trainer signal
+itself right after step N's checkpoint save was issued, so the stop point is exact.
 """
 
 import json
@@ -16,7 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from big_vision_lite import config as config_lib, host_memory, pretrained, train
+import helpers
+from helpers import assert_bitwise_equal, final_params, metric_rows
+
+from big_vision_lite import build, config as config_lib, host_memory, pretrained, restore, run, train
 from big_vision_lite.kernels import cpu_build
 from big_vision_lite.tools import plot
 
@@ -30,29 +33,7 @@ COMMON = [
 
 
 def run_cli(workdir, *extra, fault=None, devices=2):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  env.pop("BVL_FAULT", None)
-  if fault:
-    env["BVL_FAULT"] = fault
-  cmd = [sys.executable, "-m", "big_vision_lite.train", "--config", TINY, "--workdir", str(workdir),
-         *COMMON, *extra]
-  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-
-
-def final_params(workdir):
-  return pretrained.read_params(os.path.join(workdir, "checkpoints"))
-
-
-def assert_bitwise_equal(a, b):
-  assert sorted(a) == sorted(b)
-  for k in a:
-    assert np.array_equal(a[k], b[k]), f"{k} differs"
-
-
-def metric_steps(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  return helpers.run_cli(TINY, COMMON, workdir, *extra, fault=fault, devices=devices)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +95,10 @@ def test_short_run_learns(tmp_path):
       "--config.progress=False", "--config.ckpt_steps=0", "--config.log_training_steps=20",
       "--config.input.num_workers=0", "--config.schedule.warmup_steps=20",
       f"--config.input.pp={pp}", f"--config.evals.val.pp={pp}"])
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = run.train_and_evaluate(config, str(tmp_path))
   assert result["val/examples"] == 500  # 2 batches of 256, the last one padded
   assert result["val/prec@1"] > 0.9, result
-  rows = metric_steps(tmp_path)
+  rows = metric_rows(tmp_path)
   losses = [r["loss"] for r in rows if "loss" in r]
   assert losses[-1] < losses[0] - 0.3, losses
   assert any("images_per_s" in r and "mfu" in r for r in rows)
@@ -137,10 +118,10 @@ def test_sigkill_during_async_save_then_resume_is_bitwise_identical(uninterrupte
   r = run_cli(tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   assert_bitwise_equal(final_params(tmp_path), final_params(uninterrupted))
-  steps = [row["step"] for row in metric_steps(tmp_path) if "loss" in row]
+  steps = [row["step"] for row in metric_rows(tmp_path) if "loss" in row]
   assert steps == sorted(set(steps)) and steps[-1] == 10  # no duplicated steps from the killed run
-  want = [row for row in metric_steps(uninterrupted) if row["step"] == 10 and "loss" in row][0]
-  got = [row for row in metric_steps(tmp_path) if row["step"] == 10 and "loss" in row][0]
+  want = [row for row in metric_rows(uninterrupted) if row["step"] == 10 and "loss" in row][0]
+  got = [row for row in metric_rows(tmp_path) if row["step"] == 10 and "loss" in row][0]
   assert got["loss"] == want["loss"]
 
 
@@ -207,12 +188,12 @@ def test_model_init_loads_and_resamples_posemb(tmp_path, capsys):
         "--config.model.posemb=learn", "--config.evals.val.data.split=validation[:32]",
         "--config.evals.val.batch_size=32", "--config.progress=False", "--config.schedule.warmup_steps=1",
         "--config.input.num_workers=0", *extra])
-  train.train_and_evaluate(cfg(16, 3, ["--config.ckpt_steps=3"]), str(tmp_path / "a"))
+  run.train_and_evaluate(cfg(16, 3, ["--config.ckpt_steps=3"]), str(tmp_path / "a"))
   source = pretrained.read_params(str(tmp_path / "a" / "checkpoints"))
   assert source["pos_embedding"].shape == (1, 4, 32)
   config = cfg(32, 2, [f"--config.model_init={tmp_path / 'a'}", "--config.ckpt_steps=0", "--config.lr=0.0"])
-  setup = train.build(config)
-  state, start = train._restore_or_init(setup, config, None, None)  # pylint: disable=protected-access
+  setup = build.build(config)
+  state, start = restore.restore_or_init(setup, config, None, None)
   out = capsys.readouterr().out
   assert start == 0 and "resampled: 1" in out and "pos_embedding" in out and "missing" not in out
   params = jax.device_get(state["params"])

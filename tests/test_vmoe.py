@@ -3,12 +3,13 @@ inference; no drops at large capacity; upcycling reproduces the dense ViT; short
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_vision_lite import config as config_lib, flops, models, pretrained, sharding, train
+from big_vision_lite import build, config as config_lib, flops, models, pretrained, run, sharding, train_step
 from big_vision_lite.models import vmoe
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "vmoe_shapes.py")
@@ -29,11 +30,11 @@ def _run(config, devices, steps=2):
   rng = np.random.default_rng(0)
   example = {"image": np.zeros((1, 16, 16, 3), np.float32), "labels": np.zeros((1, 8), np.float32)}
   mesh = sharding.make_mesh(config.mesh, devices)
-  setup = train.build(config, mesh=mesh, example=example)
-  step_fn = train.make_train_step(setup, config.grad_accum_steps)
+  setup = build.build(config, mesh=mesh, example=example)
+  step_fn = train_step.make_train_step(setup, config.grad_accum_steps)
   state = setup.init_state(jax.random.PRNGKey(0))
   losses, compiled, metrics = [], None, None
-  with jax.set_mesh(mesh), train.nn.logical_axis_rules(setup.rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     for _ in range(steps):
       batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
                "labels": np.eye(8, dtype=np.float32)[rng.integers(0, 8, 16)]}
@@ -106,7 +107,7 @@ def test_moe_block_choice():
 def test_upcycled_model_equals_dense(tmp_path, router, kw):
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 16, 16, 3)), jnp.float32)
   dense = models.get_model("vit", **TINY, head_zeroinit=False)
-  dv = train.nn.unbox(dense.init({"params": jax.random.PRNGKey(0)}, x)["params"])
+  dv = nn.unbox(dense.init({"params": jax.random.PRNGKey(0)}, x)["params"])
   npz = str(tmp_path / "dense.npz")
   flat = {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v)
           for kp, v in jax.tree_util.tree_flatten_with_path(dv)[0]}
@@ -114,7 +115,7 @@ def test_upcycled_model_equals_dense(tmp_path, router, kw):
   sparse = models.get_model("vmoe", **TINY, head_zeroinit=False, num_experts=4, moe_every=1,
                             router=router, eval_capacity_factor=100.0, **kw)
   sv = jax.device_get(sparse.init({"params": jax.random.PRNGKey(1)}, x)["params"])
-  sv = jax.tree.map(np.asarray, train.nn.unbox(sv))
+  sv = jax.tree.map(np.asarray, nn.unbox(sv))
   loaded, report = pretrained.load_pretrained(sv, npz, upcycle=True)
   assert not report.unexpected and report.missing == [
       f"Transformer/encoderblock_{i}/MoeMlpBlock_0/router/kernel" for i in range(2)]
@@ -144,7 +145,7 @@ def test_train_and_evaluate_end_to_end(tmp_path):
   c.progress = False
   c.input.num_workers = 0
   import json
-  train.train_and_evaluate(c, str(tmp_path))
+  run.train_and_evaluate(c, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   train_rows = [r for r in rows if "loss" in r]
   # Deterministic (seed 0): 2.109 at step 10 -> 2.066 at step 30; chance is ln 8 = 2.079.

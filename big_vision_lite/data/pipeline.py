@@ -102,7 +102,7 @@ class Preprocess(grain.transforms.RandomMap):
   before, so the iterator stays deterministic and checkpointable. Counts are per
   input process (each grain worker keeps its own) and restart at zero on resume; the
   trainer checks the same fraction over all of them, since step 0, at each logged step
-  (train.check_bad_fraction).
+  (bad_examples.check_bad_fraction).
   """
 
   def __init__(self, fn: PreprocessFn, where: str, bad_examples: str = "error",

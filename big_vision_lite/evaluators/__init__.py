@@ -25,7 +25,7 @@ class Evaluator:
   allowed_keys: tuple[str, ...] = ("type", "log_steps", "batch_size", "data", "pp")
 
   def __init__(self, name: str, config: ml_collections.ConfigDict, *, task, mesh: Mesh,
-               default_batch_size: int, total_steps: int):
+               default_batch_size: int, total_steps: int, workdir: str | None = None):
     unknown = set(config.keys()) - set(self.allowed_keys)
     if unknown:
       raise ConfigError(f"config.evals.{name}.{sorted(unknown)[0]}: unknown key for evaluator "
@@ -37,6 +37,7 @@ class Evaluator:
     self.batch_size = int(config.get("batch_size", default_batch_size))
     self.log_steps = int(config.get("log_steps", 0))
     self.total_steps = total_steps
+    self.workdir = workdir  # the trainer's; evaluators that write files (caption_samples) use it
 
   def jit(self, fn):
     """jax.jit for an eval step: replicated outputs, the backend's compile options (xla_options)."""

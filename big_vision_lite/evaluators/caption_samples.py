@@ -28,7 +28,7 @@ class CaptionSamplesEvaluator(Evaluator):
   reference}) plus one line per run to `<workdir>/<name>.jsonl`.
 
   Keys: data, pp (image and, for references, the caption tokens), num_samples (32),
-  beam_size (1 = greedy). The workdir is the trainer's (set as `evaluator.workdir`) or
+  beam_size (1 = greedy). The workdir is the trainer's (the `workdir` it was built with) or
   the key `out_dir`; without either nothing is written.
   """
 
@@ -71,7 +71,7 @@ class CaptionSamplesEvaluator(Evaluator):
       result[f"{self.name}/exact_match"] = float(np.mean([r["caption"] == r["reference"] for r in scored]))
       result[f"{self.name}/word_accuracy"] = float(np.mean([word_accuracy(r["caption"], r["reference"])
                                                            for r in scored]))
-    out_dir = getattr(self, "workdir", None) or self.out_dir
+    out_dir = self.workdir or self.out_dir
     if out_dir and jax.process_index() == 0:
       line = json.dumps({"run": self.runs, **result, "samples": rows[:8]}) + "\n"
       if storage.is_remote(out_dir):

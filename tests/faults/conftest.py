@@ -8,15 +8,14 @@ runs share a persistent XLA compilation cache, so only the first one compiles.
 import json
 import os
 import subprocess
-import sys
 import time
 
-import numpy as np
 import pytest
 
-from big_vision_lite import config as config_lib, pretrained
+from helpers import ROOT, cpu_env, trainer_cmd  # noqa: F401 (cpu_env: for the tests)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from big_vision_lite import config as config_lib
+
 TINY = "configs/vit_shapes.py:res=32,width=16,depth=1,heads=2,patch=8,batch=16,steps=12,workers=0"
 COMMON = [
     "--config.evals={}", "--config.log_training_steps=1", "--config.progress=False",
@@ -30,30 +29,18 @@ def compile_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("xla_cache"))
 
 
-def cli_env(compile_cache, fault=None, devices=2) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=compile_cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.pop("BVL_FAULT", None)
-  if fault:
-    env["BVL_FAULT"] = fault
-  return env
-
-
-def cli_cmd(workdir, *extra) -> list:
-  return [sys.executable, "-m", "big_vision_lite.train", "--config", TINY, "--workdir", str(workdir),
-          *COMMON, *extra]
+def cli_cmd(workdir, *extra, fault=None) -> list:
+  """The trainer's command line on the tiny config (through tests/fault_entry.py given `fault`)."""
+  return [*trainer_cmd(fault), "--config", TINY, "--workdir", str(workdir), *COMMON, *extra]
 
 
 @pytest.fixture
 def run_cli(compile_cache):
-  """run_cli(workdir, *overrides, fault=None, env=None) -> CompletedProcess of `python -m big_vision_lite.train`."""
+  """run_cli(workdir, *overrides, fault=None, env=None) -> CompletedProcess of the trainer."""
   def run(workdir, *extra, fault=None, devices=2, env=None):
-    full_env = dict(cli_env(compile_cache, fault, devices), **(env or {}))
-    return subprocess.run(cli_cmd(workdir, *extra), env=full_env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    full_env = dict(cpu_env(devices, compile_cache), **(env or {}))
+    return subprocess.run(cli_cmd(workdir, *extra, fault=fault), env=full_env, capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
   return run
 
 
@@ -61,8 +48,9 @@ def run_cli(compile_cache):
 def start_cli(compile_cache):
   """start_cli(workdir, *overrides, fault=None) -> Popen of the trainer in its own process group."""
   def start(workdir, *extra, fault=None):
-    return subprocess.Popen(cli_cmd(workdir, *extra), env=cli_env(compile_cache, fault), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(cli_cmd(workdir, *extra, fault=fault), env=cpu_env(2, compile_cache),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
   return start
 
 
@@ -111,22 +99,6 @@ def tiny_config(*extra):
   return config_lib.apply_overrides(config, [*COMMON, *extra])
 
 
-def final_params(workdir, step=None):
-  path = os.path.join(workdir, "checkpoints")
-  return pretrained.read_params(path if step is None else os.path.join(path, str(step)))
-
-
-def assert_bitwise_equal(a, b):
-  assert sorted(a) == sorted(b)
-  for k in a:
-    assert np.array_equal(a[k], b[k]), f"{k} differs"
-
-
-def metric_rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def steps_on_disk(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
@@ -134,9 +106,9 @@ def steps_on_disk(workdir):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """A finished in-process 8-step run with checkpoints at steps 4 and 8, and its config."""
-  from big_vision_lite import train  # pylint: disable=import-outside-toplevel
+  from big_vision_lite import run  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp("ref"))
   config = tiny_config("--config.total_steps=8", "--config.ckpt_steps=4", "--config.log_training_steps=4")
-  train.train_and_evaluate(config, workdir)
+  run.train_and_evaluate(config, workdir)
   assert steps_on_disk(workdir)[-2:] == [4, 8]
   return workdir, config

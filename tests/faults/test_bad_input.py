@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import metric_rows, tiny_config
+from conftest import tiny_config
+from helpers import metric_rows
 
-from big_vision_lite import distributed, train
+from big_vision_lite import bad_examples, distributed, run
 from big_vision_lite.data import pipeline, sources
 from big_vision_lite.data.errors import BadExample, BadInputError
 from big_vision_lite.data.ops_image import decode_image
@@ -164,8 +165,8 @@ def test_trainer_logs_skipped_bad_examples_across_a_resume(dirty, tmp_path):
                   "key_result='labels')|keep('image', 'labels')")
     return c
   work = str(tmp_path / "run")
-  train.train_and_evaluate(config(14), work)
-  train.train_and_evaluate(config(28), work)  # resumes at step 14's checkpoint
+  run.train_and_evaluate(config(14), work)
+  run.train_and_evaluate(config(28), work)  # resumes at step 14's checkpoint
   rows = [r for r in metric_rows(work) if "skipped_bad_examples" in r]
   assert [r["step"] for r in rows] == list(range(1, 29))
   want = _expected_skipped(set(bad), 16, 28)
@@ -175,17 +176,17 @@ def test_trainer_logs_skipped_bad_examples_across_a_resume(dirty, tmp_path):
 
 def test_check_bad_fraction_counts_over_at_least_the_minimum():
   # 0.01 of max(read, 100): 1 bad of 50 read is within (1 <= 1.0), 2 are not.
-  train.check_bad_fraction(1, 50, 0.01, step=3)
+  bad_examples.check_bad_fraction(1, 50, 0.01, step=3)
   with pytest.raises(BadInputError, match=r"too many bad examples: 2 of the 50 records read by "
                      r"step 3 were bad, over all input processes since step 0 \(more than "
                      r"config.input.max_bad_fraction=0.01\)"):
-    train.check_bad_fraction(2, 50, 0.01, step=3)
-  train.check_bad_fraction(3, 300, 0.01, step=9)
+    bad_examples.check_bad_fraction(2, 50, 0.01, step=3)
+  bad_examples.check_bad_fraction(3, 300, 0.01, step=9)
   with pytest.raises(BadInputError, match="4 of the 300"):
-    train.check_bad_fraction(4, 300, 0.01, step=9)
-  train.check_bad_fraction(0, 10, 0.0, step=1)
+    bad_examples.check_bad_fraction(4, 300, 0.01, step=9)
+  bad_examples.check_bad_fraction(0, 10, 0.0, step=1)
   with pytest.raises(BadInputError):
-    train.check_bad_fraction(1, 10_000, 0.0, step=1)
+    bad_examples.check_bad_fraction(1, 10_000, 0.0, step=1)
 
 
 def test_trainer_judges_the_bad_fraction_since_step_0_across_a_resume(dirty, tmp_path):
@@ -205,9 +206,9 @@ def test_trainer_judges_the_bad_fraction_since_step_0_across_a_resume(dirty, tmp
                   "key_result='labels')|keep('image', 'labels')")
     return c
   work = str(tmp_path / "run")
-  train.train_and_evaluate(config(14, 0.05), work)
+  run.train_and_evaluate(config(14, 0.05), work)
   with pytest.raises(BadInputError, match=r"3 of the 243 records read by step 15 were bad.*"
                      r"max_bad_fraction=0.012"):
-    train.train_and_evaluate(config(28, 0.012), work)
+    run.train_and_evaluate(config(28, 0.012), work)
   rows = [r for r in metric_rows(work) if "skipped_bad_examples" in r]
   assert rows[-1]["step"] == 15 and rows[-1]["skipped_bad_examples"] == 3  # the count is logged

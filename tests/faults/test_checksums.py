@@ -11,9 +11,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import assert_bitwise_equal, final_params
+from helpers import assert_bitwise_equal, final_params
 
-from big_vision_lite import checkpoint, train
+from big_vision_lite import build, checkpoint, restore, run
 
 
 def _largest_data_file(step_dir):
@@ -38,7 +38,7 @@ def _restore_unchecked(directory, step, abstract_state):
   """What orbax alone restores (no digest check), to learn whether a flip changed any value."""
   c = checkpoint.Checkpointer(directory, save_interval_steps=4, async_save=False)
   args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-  state = c._manager.restore(step, args=args)["state"]  # pylint: disable=protected-access
+  state = c._manager.restore(step, args=args)["state"]
   c.close()
   return {k: np.asarray(v) for k, v in checkpoint.flatten_with_names(jax.device_get(state)).items()}
 
@@ -51,7 +51,7 @@ def test_flipped_bit_in_array_data_never_loads_silently(reference, tmp_path):
   (Some bytes of a data file are not read back by a restore; flips there change nothing.)
   """
   ref_dir, config = reference
-  setup = train.build(config)
+  setup = build.build(config)
   clean = _restore_unchecked(os.path.join(ref_dir, "checkpoints"), 8, setup.abstract_state)
   changed = 0
   for i, where in enumerate((0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)):
@@ -78,7 +78,7 @@ def test_flipped_bit_in_array_data_never_loads_silently(reference, tmp_path):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_array_step_is_set_aside_and_previous_used(reference, tmp_path, capsys):
   ref_dir, config = reference
-  setup = train.build(config)
+  setup = build.build(config)
   clean = _restore_unchecked(os.path.join(ref_dir, "checkpoints"), 8, setup.abstract_state)
   work = tmp_path / "w"
   shutil.copytree(ref_dir, work)
@@ -92,7 +92,7 @@ def test_corrupt_array_step_is_set_aside_and_previous_used(reference, tmp_path, 
   else:
     pytest.fail("no flip changed a value")
   ckpt = checkpoint.Checkpointer(str(work / "checkpoints"), save_interval_steps=4, async_save=False)
-  state, start = train._restore_or_init(setup, config, ckpt, None)  # pylint: disable=protected-access
+  state, start = restore.restore_or_init(setup, config, ckpt, None)
   ckpt.close()
   err = capsys.readouterr().err
   assert start == 4, "a corrupted step 8 was restored"
@@ -105,7 +105,7 @@ def test_corrupt_array_step_is_set_aside_and_previous_used(reference, tmp_path, 
 def test_unflipped_checkpoint_restores_with_digests_checked(reference):
   ref_dir, config = reference
   assert os.path.isdir(os.path.join(ref_dir, "checkpoints", "8", checkpoint.DIGEST_ITEM))
-  setup = train.build(config)
+  setup = build.build(config)
   ckpt = checkpoint.Checkpointer(os.path.join(ref_dir, "checkpoints"), save_interval_steps=4,
                                  async_save=False)
   state = ckpt.restore(8, setup.abstract_state)
@@ -124,7 +124,7 @@ def test_edited_data_iterator_state_is_set_aside(reference, tmp_path, capsys):
   state = json.loads(path.read_text())
   state["last_seen_indices"] = {k: v + 16 for k, v in state["last_seen_indices"].items()}
   path.write_text(json.dumps(state, indent=4))
-  train.train_and_evaluate(config, str(work))
+  run.train_and_evaluate(config, str(work))
   err = capsys.readouterr().err
   assert "data iterator state" in err and "does not match its digest" in err, err
   assert any(n.startswith("8.unusable-") for n in os.listdir(work / "checkpoints"))

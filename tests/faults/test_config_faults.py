@@ -8,7 +8,7 @@ import pytest
 
 from conftest import COMMON, ROOT, TINY, tiny_config
 
-from big_vision_lite import config as config_lib, train
+from big_vision_lite import config as config_lib, train, workdir as workdir_lib
 
 
 @pytest.mark.parametrize("arg,code,match", [
@@ -61,14 +61,14 @@ def test_other_config_in_existing_workdir_is_refused(tmp_path, capsys):
 def test_resumable_changes_pass_and_overwrite_moves_the_old_run_aside(tmp_path, capsys):
   _fake_run(tmp_path, tiny_config())
   # Longer training, other logging/checkpoint cadence, another mesh: same run, resumable.
-  train.check_workdir(tiny_config("--config.total_steps=50", "--config.log_training_steps=7",
+  workdir_lib.check_workdir(tiny_config("--config.total_steps=50", "--config.log_training_steps=7",
                                   "--config.ckpt_steps=5", "--config.mesh.fsdp=2"), str(tmp_path))
-  train.check_workdir(tiny_config("--config.lr=0.5", "--config.allow_config_change=True"), str(tmp_path))
+  workdir_lib.check_workdir(tiny_config("--config.lr=0.5", "--config.allow_config_change=True"), str(tmp_path))
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["lr"] == 0.5  # config.json now describes the resumed run
   with pytest.raises(config_lib.ConfigError, match="another config"):
-    train.check_workdir(tiny_config("--config.seed=3"), str(tmp_path))
-  train.check_workdir(tiny_config("--config.seed=3"), str(tmp_path), overwrite=True)
+    workdir_lib.check_workdir(tiny_config("--config.seed=3"), str(tmp_path))
+  workdir_lib.check_workdir(tiny_config("--config.seed=3"), str(tmp_path), overwrite=True)
   backups = [n for n in os.listdir(tmp_path) if n.startswith("overwritten-")]
   assert len(backups) == 1 and os.path.isdir(tmp_path / backups[0] / "checkpoints" / "4")
   assert not os.path.exists(tmp_path / "checkpoints")
@@ -82,7 +82,7 @@ def test_config_json_is_replaced_never_rewritten_in_place(tmp_path):
   _fake_run(tmp_path, tiny_config())
   before = os.stat(tmp_path / "config.json").st_ino
   with open(tmp_path / "config.json") as old:
-    train.check_workdir(tiny_config("--config.total_steps=50"), str(tmp_path))
+    workdir_lib.check_workdir(tiny_config("--config.total_steps=50"), str(tmp_path))
     assert json.load(old)["total_steps"] != 50  # a reader that opened it earlier keeps the old file
   assert os.stat(tmp_path / "config.json").st_ino != before
   assert json.load(open(tmp_path / "config.json"))["total_steps"] == 50

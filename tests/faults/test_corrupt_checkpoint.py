@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import COMMON, ROOT, TINY, assert_bitwise_equal, final_params, steps_on_disk
+from conftest import COMMON, ROOT, TINY, steps_on_disk
+from helpers import assert_bitwise_equal, final_params
 
-from big_vision_lite import checkpoint, train
+from big_vision_lite import build, checkpoint, restore, train
 
 
 def _data_files(step_dir):
@@ -65,9 +66,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(reference, tmp_path, k
   work = tmp_path / "w"
   shutil.copytree(ref_dir, work)
   _damage(str(work / "checkpoints" / "8"), kind)
-  setup = train.build(config)
+  setup = build.build(config)
   ckpt = checkpoint.Checkpointer(str(work / "checkpoints"), save_interval_steps=4, async_save=False)
-  state, start = train._restore_or_init(setup, config, ckpt, None)  # pylint: disable=protected-access
+  state, start = restore.restore_or_init(setup, config, ckpt, None)
   ckpt.close()
   err = capsys.readouterr().err
   assert start == 4
@@ -105,10 +106,10 @@ def test_all_checkpoints_unusable_refuses_to_start_from_scratch(reference, tmp_p
   steps = steps_on_disk(work)
   for step in steps:
     _damage(str(work / "checkpoints" / str(step)), "missing_array")
-  setup = train.build(config)
+  setup = build.build(config)
   ckpt = checkpoint.Checkpointer(str(work / "checkpoints"), save_interval_steps=4, async_save=False)
   with pytest.raises(checkpoint.CheckpointError, match="refusing to train from scratch"):
-    train._restore_or_init(setup, config, ckpt, None)  # pylint: disable=protected-access
+    restore.restore_or_init(setup, config, ckpt, None)
   ckpt.close()
   err = capsys.readouterr().err
   assert "missing arrays" in err and str(work / "checkpoints" / "4") in err

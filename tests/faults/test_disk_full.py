@@ -76,7 +76,6 @@ def test_full_disk_is_one_line_with_the_cause_and_the_intact_step(compile_cache,
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
-  env.pop("BVL_FAULT", None)
   driver = os.path.join(os.path.dirname(__file__), "disk_full_driver.py")
   r = subprocess.run([sys.executable, driver, where, "--config", TINY, "--workdir", str(tmp_path), *COMMON],
                      env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -19,7 +19,7 @@ import gcs_emulator  # noqa: E402  (tests/gcs_emulator.py: sets GCSFS_EXPERIMENT
 pytest.importorskip("gcsfs", reason="the [test] extra installs gcsfs")
 pytest.importorskip("gcp_storage_emulator.server", reason="the [test] extra installs it")
 
-from conftest import ROOT, assert_bitwise_equal, final_params, metric_rows  # noqa: E402
+from helpers import ROOT, assert_bitwise_equal, final_params, metric_rows  # noqa: E402
 
 from big_vision_lite import pretrained, storage  # noqa: E402
 

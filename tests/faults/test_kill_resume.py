@@ -4,7 +4,8 @@ are bitwise those of an uninterrupted run, with the loss-guard state carried alo
 
 import os
 
-from conftest import assert_bitwise_equal, final_params, metric_rows, steps_on_disk
+from conftest import steps_on_disk
+from helpers import assert_bitwise_equal, final_params, metric_rows
 
 from big_vision_lite import train
 

@@ -6,22 +6,23 @@ import os
 import jax
 import numpy as np
 
-from conftest import COMMON, ROOT, TINY, final_params, steps_on_disk, tiny_config
+from conftest import COMMON, ROOT, TINY, steps_on_disk, tiny_config
+from helpers import final_params
 
-from big_vision_lite import sharding, train
+from big_vision_lite import build, loss_guard, sharding, train, train_step
 from big_vision_lite.data import pipeline
 
 
 def _run_steps(config, n):
-  setup = train.build(config)
-  step_fn = train.make_train_step(setup, 1)
+  setup = build.build(config)
+  step_fn = train_step.make_train_step(setup, 1)
   it = pipeline.make_train_iterator(config.input.data, config.input.pp, global_batch_size=16, seed=0)
   state = setup.init_state(jax.random.PRNGKey(0))
   before = jax.device_get(state["params"])
   with jax.set_mesh(setup.mesh):
     for _ in range(n):
       state, _ = step_fn(state, sharding.global_batch(next(it), setup.mesh))
-  return before, jax.device_get(state["params"]), jax.device_get(state["guard"])
+  return before, jax.device_get(state["params"]), jax.device_get(loss_guard.find(state["opt_state"]))
 
 
 def test_update_to_nonfinite_params_is_dropped():
@@ -29,7 +30,7 @@ def test_update_to_nonfinite_params_is_dropped():
   before, after, guard = _run_steps(tiny_config("--config.lr=inf", "--config.nan_policy=skip"), 2)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     assert np.array_equal(a, b)
-  assert int(guard["nonfinite"]) == 2 and int(guard["most_in_a_row"]) == 2
+  assert int(guard.nonfinite) == 2 and int(guard.most_in_a_row) == 2
 
 
 def test_spike_floor_keeps_ordinary_updates():
@@ -37,7 +38,7 @@ def test_spike_floor_keeps_ordinary_updates():
   config = tiny_config("--config.nan_policy=skip", "--config.spike_skip.window=4",
                        "--config.spike_skip.k=3.0", "--config.spike_skip.min_steps=3", "--config.total_steps=20")
   _, _, guard = _run_steps(config, 20)
-  assert int(guard["spikes"]) <= 1, int(guard["spikes"])
+  assert int(guard.spikes) <= 1, int(guard.spikes)
 
 
 def test_consecutive_skips_stop_the_run_and_saved_params_are_finite(tmp_path, capsys):

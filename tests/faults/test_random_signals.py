@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import assert_bitwise_equal, final_params, input_workers, metric_rows
+from conftest import input_workers
+from helpers import assert_bitwise_equal, final_params, metric_rows
 
 from big_vision_lite import train
 

@@ -11,25 +11,15 @@ import time
 
 import pytest
 
-from conftest import COMMON, ROOT, TINY
+from conftest import ROOT, cli_cmd, cpu_env
 
 from big_vision_lite import workdir_lock
 
 
-def _env(compile_cache, fault=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.pop("BVL_FAULT", None)
-  if fault:
-    env["BVL_FAULT"] = fault
-  return env
-
-
 def test_second_trainer_on_a_workdir_is_refused(run_cli, compile_cache, tmp_path):
   work = tmp_path / "w"
-  cmd = [sys.executable, "-m", "big_vision_lite.train", "--config", TINY, "--workdir", str(work), *COMMON]
-  first = subprocess.Popen(cmd, env=_env(compile_cache, "slow@1"), cwd=ROOT, stdout=subprocess.PIPE,
+  first = subprocess.Popen(cli_cmd(work, fault="slow@1"), env=cpu_env(2, compile_cache), cwd=ROOT,
+                           stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 120

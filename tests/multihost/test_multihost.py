@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from big_vision_lite import pretrained
+from helpers import trainer_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("local_multiprocess",
@@ -31,14 +32,18 @@ COMMON = [
 ]
 # Heartbeat: how fast a dead peer is noticed; shutdown: slack for a slow process 0 under load.
 ENV = dict(os.environ, BVL_HEARTBEAT_TIMEOUT_S="10", BVL_SHUTDOWN_TIMEOUT_S="120")
-for _k in ("BVL_FAULT", "XLA_FLAGS", "BVL_DISTRIBUTED"):
+for _k in ("XLA_FLAGS", "BVL_DISTRIBUTED"):
   ENV.pop(_k, None)
 
 
-def run(workdir, processes, *, extra=(), env_per_process=None, grace_s=60, timeout_s=240):
-  """Runs the trainer as `processes` x (8 / processes) devices; returns (codes, outputs, reason)."""
+def run(workdir, processes, *, extra=(), faults=None, grace_s=60, timeout_s=240):
+  """Runs the trainer as `processes` x (8 / processes) devices; returns (codes, outputs, reason).
+
+  `faults`: one fault spec per process (tests/fault_entry.py; None = none).
+  """
   procs = lmp.start(processes, ["--config", TINY, "--workdir", str(workdir), *COMMON, *extra],
-                    devices_per_process=8 // processes, env=ENV, env_per_process=env_per_process, cwd=ROOT)
+                    devices_per_process=8 // processes, env=ENV, cwd=ROOT,
+                    program_per_process=faults and [trainer_cmd(f) for f in faults])
   codes, reason = lmp.wait(procs, grace_s=grace_s, timeout_s=timeout_s)
   outs = [p.stdout.read() + p.stderr.read() for p in procs]
   return codes, outs, reason
@@ -121,7 +126,7 @@ def test_sigterm_to_all_processes_saves_one_checkpoint_and_resumes(two_by_four, 
   # them agree on one step to save. Agreeing takes a round trip through the coordination
   # service, longer than the remaining tiny steps on a loaded machine, so from step 2 on
   # each step takes 0.5 s more, as a real step would.
-  codes, outs, reason = run(workdir, 2, env_per_process=[{"BVL_FAULT": "term@2,slow@2"}] * 2)
+  codes, outs, reason = run(workdir, 2, faults=["term@2,slow@2"] * 2)
   assert codes == [75, 75], (codes, reason, outs[0][-3000:])
   steps = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
   assert steps and steps[-1] < STEPS, steps
@@ -136,7 +141,7 @@ def test_dead_process_stops_the_others(tmp_path):
   t0 = time.monotonic()
   # Process 1 is SIGKILLed after step 2; process 0 must stop by itself (heartbeat timeout),
   # well before the launcher's grace period would kill it.
-  codes, outs, reason = run(workdir, 2, env_per_process=[{}, {"BVL_FAULT": "kill@2"}], grace_s=90)
+  codes, outs, reason = run(workdir, 2, faults=[None, "kill@2"], grace_s=90)
   took = time.monotonic() - t0
   assert codes[1] == -signal.SIGKILL
   assert codes[0] not in (0, None, -signal.SIGKILL), (codes, reason, outs[0][-3000:])

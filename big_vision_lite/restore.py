@@ -1,0 +1,64 @@
+"""The train state a run starts from: the newest usable checkpoint, else a fresh init (+ model_init)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+
+from big_vision_lite import checkpoint, distributed, pretrained
+from big_vision_lite.build import Setup
+
+log = logging.getLogger("big_vision_lite")
+
+
+def restore_or_init(setup: Setup, config: ml_collections.ConfigDict,
+                    ckpt: checkpoint.Checkpointer | None, train_iter: Any) -> tuple[dict, int]:
+  """Resumes from the newest usable checkpoint, else initialises (and loads model_init).
+
+  A checkpoint that fails to restore (truncated or garbled files, missing
+  arrays, another model's) is reported, moved aside and the previous one tried.
+  If checkpoints exist but none is usable this refuses to start from scratch.
+  """
+  if ckpt:
+    for step in reversed(ckpt.all_steps()):
+      try:
+        # Another process count wrote it: no iterator file for us; the data order is global, so seek.
+        same_layout = distributed.has_data_state(ckpt.step_path(step))
+        state = ckpt.restore(step, setup.abstract_state, train_iter if same_layout else None)
+        if not same_layout:
+          distributed.seek(train_iter, step)
+      except checkpoint.CheckpointError as e:
+        moved = ckpt.set_aside(step, str(e))
+        if jax.process_index() == 0:
+          print(f"warning: {e}; moved aside to {moved}, trying the previous checkpoint",
+                file=sys.stderr, flush=True)
+        continue
+      if jax.process_index() == 0:
+        print(f"resumed from step {step} (checkpoint {ckpt.step_path(step)})", flush=True)
+      return state, step
+    unusable = sorted(p.name for p in ckpt.directory.iterdir() if ".unusable-" in p.name) \
+        if ckpt.directory.is_dir() else []  # an object store has no empty folders
+    if unusable:
+      raise checkpoint.CheckpointError(
+          f"no usable checkpoint in {ckpt.directory} (set aside: {', '.join(unusable)}); refusing to "
+          f"train from scratch over it: remove them or pass --overwrite")
+  state = setup.init_state(jax.random.PRNGKey(config.seed))
+  if config.model_init:
+    host_params = jax.device_get(state["params"])
+    # Optional loader switches (e.g. upcycle=True for MoE) pass through as given.
+    extra = {k: v for k, v in config.model_load.items() if k not in ("subtree", "allow_mismatch")}
+    params, report = pretrained.load_pretrained(
+        host_params, config.model_init, subtree=config.model_load.subtree or None,
+        allow_mismatch=config.model_load.allow_mismatch, **extra)
+    log.info("Loaded %s:\n%s", config.model_init, report)
+    if jax.process_index() == 0:
+      print(f"model_init {config.model_init}:\n{report}", flush=True)
+    params = jax.device_put(params, setup.state_shardings["params"])
+    # Optimizer state was built for the random init; rebuild it for the loaded weights.
+    opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(params)
+    state = {**state, "params": params, "opt_state": opt_state}
+  return state, 0
