@@ -6,34 +6,6 @@
 
 from __future__ import annotations
 
-import sys
-
-
-def _restart_command_line() -> int | None:
-  """Restarts this program once with the block cache preloaded (block_cache.py), where it
-  applies; 2 after printing a bad BVL_BLOCK_CACHE_* setting, else None."""
-  from big_vision_lite import block_cache  # pylint: disable=import-outside-toplevel (light: no JAX)
-  try:
-    block_cache.restart(sys.orig_argv[1:])
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return None
-
-
-_restart_checked = False
-if __name__ == "__main__":
-  # First of all, so a SIGTERM/SIGINT during start-up is not lost (main() installs it again).
-  from big_vision_lite import signals as _early_signals
-  _early_signals.install(sys.argv[1:])
-  # Before the imports below: they take ~1 s, which a restart in main() would pay twice.
-  if (_code := _restart_command_line()) is not None:
-    sys.exit(_code)
-  _restart_checked = True
-elif __name__ == "__mp_main__":  # a spawned input worker imports this module: signals are the trainer's
-  from big_vision_lite import signals as _early_signals
-  _early_signals.ignore_in_worker()
-
 import argparse
 import dataclasses
 import json
@@ -41,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Sequence
 
@@ -53,13 +26,16 @@ import numpy as np
 
 from big_vision_lite import checkpoint, config as config_lib, config_check, flops, metrics, optim
 from big_vision_lite import pretrained, schedules, sharding, signals, storage
-from big_vision_lite import (block_cache, distributed, evaluators, files, host_memory, models, tasks,
-                             workdir_lock, xla_options)
+from big_vision_lite import (distributed, evaluators, files, models, platform, tasks,
+                             workdir_lock)
 from big_vision_lite.data import ops as pp_ops, pipeline, sources, worker_watch
 from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.registry import UnknownNameError
 
 log = logging.getLogger("big_vision_lite")
+
+if __name__ == "__mp_main__":  # a spawned input worker imports this module: signals are the trainer's
+  signals.ignore_in_worker()
 
 # Exit status after a preemption (SIGTERM) was handled by saving a checkpoint:
 # EX_TEMPFAIL from sysexits.h, "try again later", so launchers can tell it from a failure.
@@ -275,7 +251,7 @@ def make_train_step(setup: Setup, grad_accum_steps: int):
   batch_sh = {k: sharding.batch_sharding(setup.mesh, v.ndim) for k, v in setup.example.items()}
   return jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh),
                  out_shardings=(setup.state_shardings, repl), donate_argnums=(0,),
-                 compiler_options=xla_options.compiler_options())
+                 compiler_options=platform.compiler_options())
 
 
 def _poison_fn(faults: list[tuple[str, int]]):
@@ -470,12 +446,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
           f"{jax.process_count()} process(es); {total_steps} steps of batch {config.input.batch_size}; "
           f"MFU peak {peak:.3g} FLOP/s per device ({peak_desc})", flush=True)
-    if host_memory.kept_freed_memory():
-      print("host memory: glibc keeps what XLA:CPU frees (one malloc arena, no trimming; "
-            "BVL_KEEP_HEAP=0 turns this off)", flush=True)
-      print(block_cache.describe(), flush=True)
-    elif hint := host_memory.hint(jax.default_backend()):
-      print(f"note: {hint}", file=sys.stderr, flush=True)
 
   train_step = make_train_step(setup, config.grad_accum_steps)
   step_flops = flops.train_flops_per_step(fwd_flops, config.input.batch_size) if fwd_flops else None
@@ -551,8 +521,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
         pipeline.close_iterator(train_iter)
       except Exception as e:  # noqa: BLE001
         log.info("also failed while stopping the input workers: %s: %s", type(e).__name__, e)
-  if is_main and (counters := block_cache.counters()):
-    print(f"host memory: {counters}", flush=True)
   return last
 
 
@@ -587,8 +555,7 @@ def report_step_memory(train_step: Any, state: Any, batch: Any) -> None:
   """Prints the compiled train step's memory per device, from XLA's memory analysis.
 
   Called after the first step, when the executable is compiled and cached (lowering again costs
-  nothing). On a CPU run whose heap is kept (host_memory), also warns where the heap's growth
-  by more blocks of temporaries may not fit in the memory left.
+  nothing).
   """
   try:
     stats = train_step.lower(state, batch).compile().memory_analysis()
@@ -601,10 +568,6 @@ def report_step_memory(train_step: Any, state: Any, batch: Any) -> None:
         f"{_size(stats.argument_size_in_bytes)}, temporaries {_size(stats.temp_size_in_bytes)}, "
         f"outputs {_size(stats.output_size_in_bytes)} ({_size(stats.alias_size_in_bytes)} of them "
         f"in donated arguments)", flush=True)
-  if host_memory.kept_freed_memory() and jax.default_backend() == "cpu":
-    temp = stats.temp_size_in_bytes * len(jax.local_devices())
-    if note := host_memory.growth_note(temp, host_memory.available_bytes(), block_cache.active()):
-      print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def skipped_bad_examples(train_iter: Any, step: int, global_batch_size: int) -> int | None:
@@ -713,12 +676,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  # As the command line does above, for a program that calls main() itself; a caller that
-  # passes argv keeps its process as it is.
-  if argv is None and not _restart_checked and (code := _restart_command_line()) is not None:
-    return code
-  # Before JAX starts: XLA's threads pick their malloc arenas on their first allocation.
-  host_memory.keep_freed_memory()
   # grain's worker processes read absl flags; we take no absl flags of our own.
   absl_flags.FLAGS.mark_as_parsed()
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -727,6 +684,7 @@ def _main(argv: Sequence[str] | None) -> int:
     config = config_lib.apply_overrides(config, overrides)
     maybe_initialize_distributed(args)  # before anything asks JAX about devices
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    platform.configure(config, workdir=args.workdir)  # attention/norm/compiler choices
     # Before any dataset is read or built, the workdir written or a step compiled.
     config_check.check_components(config)
     if config.total_steps > 0:
