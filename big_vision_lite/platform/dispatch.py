@@ -237,6 +237,9 @@ def compiler_options() -> dict[str, str] | None:
   if requested != AUTO:
     _record("cpu dots", requested, requested, "configured")
     return dict(CPU_DOTS[requested]) or None
+  if "cpu dots" not in _decisions and jax.process_count() > 1:
+    # Each process would measure on its own host and could compile another program.
+    _record("cpu dots", AUTO, "eigen", "auto: several processes compile alike, not measured")
   if "cpu dots" not in _decisions:
     tuned = _tune_dots(*(_dots_hint or (_TUNE_DOT_ROWS, 384)))
     _record("cpu dots", AUTO, tuned["impl"], _measured_why(tuned), tuned["times_ms"])
