@@ -3,29 +3,30 @@
 Each script prints `cpu_line()` first: the same code ranks differently against torch on
 different CPUs (RESULTS.md, round 10), so a number without its CPU cannot be compared.
 
-The trainer restarts itself with the block cache preloaded (block_cache.restart: freed large
-blocks are kept for reuse), makes glibc keep the memory XLA:CPU frees
-(host_memory.keep_freed_memory, which must run before JAX starts its backends) and compiles
-with xla_options.compiler_options(). A script adds `--malloc` with `add_malloc_flag`, calls
-`keep_freed_memory(args.malloc)` first thing (it may restart the script) and prints the line
-it returns.
+`python -m big_vision_lite.train` runs with glibc's defaults; `launch/cpu.sh` starts it with
+glibc keeping freed memory and the block cache preloaded (platform/cpu/memory.py,
+block_cache.py). A script adds `--malloc` with `add_malloc_flag`, calls
+`keep_freed_memory(args.malloc)` first thing (for "keep" it restarts the script once in
+launch/cpu.sh's environment) and prints the line it returns. Compile options come from
+`platform.compiler_options()`, as in the trainer.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 
-from big_vision_lite import block_cache, host_cpu, host_memory
+from big_vision_lite.platform.cpu import block_cache, host as host_cpu, memory
 
 
 def add_malloc_flag(ap: argparse.ArgumentParser) -> None:
-  ap.add_argument("--malloc", default="keep", choices=("keep", "default"),
-                  help="'keep' (as the trainer): large blocks are cached for reuse "
-                       "(BVL_BLOCK_CACHE=0: not) and glibc keeps freed memory mapped, so "
-                       "XLA:CPU's temporaries are reused without page faults; 'default': glibc "
-                       "as it is")
+  ap.add_argument("--malloc", default="default", choices=("keep", "default"),
+                  help="'default' (as python -m big_vision_lite.train): glibc as it is; 'keep' "
+                       "(as launch/cpu.sh): glibc keeps freed memory mapped and large blocks "
+                       "are cached for reuse, so XLA:CPU's temporaries are reused without page "
+                       "faults")
 
 
 def cpu_line() -> str:
@@ -36,15 +37,23 @@ def cpu_line() -> str:
 def keep_freed_memory(choice: str) -> str:
   """Applies `--malloc` and returns a line saying what holds; call it first thing.
 
-  "keep" restarts the script once with the block cache (see block_cache.restart). Any other
-  choice (vs_pytorch.py also has "hugepages") leaves glibc's heap as it is.
+  "keep" restarts the script once in launch/cpu.sh's environment (a benchmark may; the
+  trainer never does). Any other choice (vs_pytorch.py also has "hugepages") leaves glibc's
+  heap as it is.
   """
   if choice != "keep":
     return f"glibc keeps freed memory: no (--malloc {choice}); large blocks cached: no"
-  cache = block_cache.restart(sys.orig_argv[1:])
-  why_not = host_memory.keep_freed_memory()
-  return ("glibc keeps freed memory: " + ("yes" if why_not is None else f"no ({why_not})")
-          + "; large blocks cached: " + ("yes" if cache is None else f"no ({cache})"))
+  if not memory.keeps_heap(os.environ):
+    try:
+      lib = block_cache.library()
+    except RuntimeError as e:
+      print(f"note: no block cache: {e}", file=sys.stderr)
+      lib = None
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+              memory.keep_heap_env(os.environ, lib))
+  return ("glibc keeps freed memory: yes (GLIBC_TUNABLES); large blocks cached: "
+          + ("yes" if block_cache.active() else "no"))
 
 
 def memory_line() -> str:

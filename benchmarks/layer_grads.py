@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_setup  # noqa: E402
 import vs_pytorch  # noqa: E402  (the benchmark's trainer-built ViT step)
 
-from big_vision_lite import xla_options  # noqa: E402
+from big_vision_lite import platform  # noqa: E402
 from big_vision_lite.models import common  # noqa: E402
 
 
@@ -57,11 +57,11 @@ def _flax_layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
 
 
 def _xla_layer_norm(eps: float, name: str | None = None) -> common.LayerNorm:
-  return common.LayerNorm(epsilon=eps, name=name, use_kernel=False)
+  return common.LayerNorm(epsilon=eps, name=name, impl="xla")
 
 
 def pieces(rounds: int) -> None:
-  opts = xla_options.compiler_options()
+  opts = platform.compiler_options()
   rng = np.random.default_rng(0)
   print("piece (batch 32, 197 tokens), median ms of 20 runs per round: XLA reduce / ours")
   for width in (384, 1536):
@@ -106,7 +106,7 @@ def whole_step(variant: str, rounds: int) -> None:
       for k, v in {**original, **patch}.items():
         setattr(common, k, v)
       steps[name] = vs_pytorch.Ours(variant, 32, 64, 224, {"train"},
-                                    compiler_options=xla_options.compiler_options())
+                                    compiler_options=platform.compiler_options())
       steps[name].train_step()
   finally:
     for k, v in original.items():

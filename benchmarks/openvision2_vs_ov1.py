@@ -35,7 +35,7 @@ import optax  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_setup  # noqa: E402
 
-from big_vision_lite import contrastive_loss, xla_options  # noqa: E402
+from big_vision_lite import contrastive_loss, platform  # noqa: E402
 from big_vision_lite.models import decoder as dec_lib, text as text_lib, vit as vit_lib  # noqa: E402
 from big_vision_lite.models.openvision2 import OpenVision2  # noqa: E402
 from big_vision_lite.models.two_towers import l2_normalize  # noqa: E402
@@ -74,7 +74,7 @@ def make_step(loss_fn, tx):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
-  return jax.jit(step, donate_argnums=(0, 1), compiler_options=xla_options.compiler_options())
+  return jax.jit(step, donate_argnums=(0, 1), compiler_options=platform.compiler_options())
 
 
 def peak_bytes(compiled) -> tuple[int, int]:

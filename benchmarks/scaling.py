@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_setup  # noqa: E402
 
-from big_vision_lite import xla_options  # noqa: E402
+from big_vision_lite import platform  # noqa: E402
 from big_vision_lite.models import vit as vit_lib  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def measure(variant: str, *, batch: int, res: int, depth: int | None = None, sca
 
   t0 = time.perf_counter()
   step = jax.jit(jax.value_and_grad(loss)).lower(params).compile(
-      compiler_options=xla_options.compiler_options())
+      compiler_options=platform.compiler_options())
   compile_s = time.perf_counter() - t0
   jax.block_until_ready(step(params))
   times = []
@@ -85,7 +85,7 @@ def main() -> None:
   print(bench_setup.cpu_line())
   print(f"ViT-{args.variant} fwd+bwd (value_and_grad), fp32, {jax.devices()[0].platform} x1, "
         f"median of {args.steps} steps; defaults batch {b}, res {r}, depth {d}")
-  print(f"{malloc}; compiler_options {xla_options.compiler_options()}")
+  print(f"{malloc}; compiler_options {platform.compiler_options()}")
   print("| setting                      | compile s | step ms | img/s | temp MiB | args MiB |")
   print("|------------------------------|---------:|--------:|------:|---------:|---------:|")
   run = lambda label, batch=b, **kw: print(_row(label, measure(

@@ -1,8 +1,17 @@
-"""Our ViT (JAX) vs timm's ViT (PyTorch) on this machine: images/s of a training step and a forward.
+"""Our ViT (JAX) vs timm's ViT (PyTorch) and big_vision's own ViT (JAX) on this machine: images/s
+of a training step and a forward.
 
     python benchmarks/vs_pytorch.py [--variant S] [--batch 32] [--infer_batch 64] [--steps 5]
                                     [--block 2] [--mode train|infer|both] [--res 224]
-                                    [--cpu_dots eigen|default] [--malloc keep|default|hugepages]
+                                    [--attention_impl auto] [--norm_impl auto] [--cpu_dots auto]
+                                    [--malloc default|keep|hugepages] [--big_vision PATH]
+
+`--big_vision PATH` (a checkout of github.com/google-research/big_vision; nothing of it is
+copied here) adds its `big_vision/models/vit.py` Model with an optax step as big_vision's
+train loop builds it (softmax cross-entropy, clip_by_global_norm(1.0), adamw), jitted with
+jax's default compile options; without it, that side is skipped. Its utils.py imports
+tensorflow.io.gfile, which the model never calls: a stub stands in where TensorFlow is not
+installed.
 
 Ours is the trainer's real step (train.build + make_train_step: forward, backward,
 grad clip, AdamW, metrics) and a jitted `model.apply` for the forward; timm's is
@@ -24,21 +33,19 @@ waiting for a core, the CPU time does not):
     back to the host and must be faulted back in (our ViT-S step: 5.0 s -> 8.0 s, mostly
     kernel time). torch reuses its heap and does not pay this. `--block 1` gives only
     "all steps".
-Our executables are compiled with XLA:CPU's YNNPACK GEMM off (`--cpu_dots eigen`, the
-default; see CPU_EIGEN_DOTS), `--cpu_dots default` keeps jax's default. `--malloc
-keep` (the default) makes glibc keep freed memory mapped, as the trainer does
-(host_memory.keep_freed_memory: one arena, no mmap, no trimming), after restarting the
-script once with the trainer's block cache preloaded (block_cache.py: freed blocks of 1 MiB
-and more kept for the next request they fit; BVL_BLOCK_CACHE=0: not): XLA:CPU's temporaries
+Our side runs as the trainer does with the same config keys (big_vision_lite/platform):
+`--attention_impl`, `--norm_impl` and `--cpu_dots` (config.model.attention_impl,
+config.model.norm_impl, config.platform.cpu_dots; 'auto' measures on this CPU, cached); the
+run prints each choice. `--malloc keep` restarts the script once in launch/cpu.sh's
+environment: glibc keeps freed memory mapped (one arena, no mmap, no trimming) and the block
+cache is preloaded (platform/cpu/block_cache.py: freed blocks of 1 MiB and more kept for the
+next request they fit): XLA:CPU's temporaries
 (2.9 GB per ViT-S step at batch 32) are then reused instead of unmapped and faulted back in,
 ~636k page faults per step with glibc's defaults. `--malloc hugepages` restarts the
 process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 instead, which backs large allocations
-with transparent huge pages (~30x fewer faults). `--malloc default` leaves glibc as it is.
-Both sides run in one process, so torch gets the same malloc settings (and block cache) as
-ours.
-On one CPU device our attention and LayerNorm are CPU kernels (big_vision_lite/kernels); the
-run prints which path each took, and `BVL_CPU_ATTENTION=0` / `BVL_CPU_LAYER_NORM=0` measure
-the XLA path instead. "machine before/after" lines give both frameworks' matmul speed and
+with transparent huge pages (~30x fewer faults). `--malloc default` (the default, as
+`python -m big_vision_lite.train`) leaves glibc as it is. All sides run in one process, so
+they share the malloc settings. "machine before/after" lines give both frameworks' matmul speed and
 the memory copy rate around the timed steps: on a shared VM these vary from hour to hour,
 and ratios from runs whose machine lines differ are not comparable. Each side's line also
 gives its GFLOP/s from the analytic FLOPs (big_vision_lite/flops.py; training = 3x forward)
@@ -59,21 +66,19 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_setup  # noqa: E402
 
-from big_vision_lite import (  # noqa: E402
-    config as config_lib, flops, host_memory, sharding, train, xla_options)
+from big_vision_lite import config as config_lib, flops, platform, sharding, train  # noqa: E402
 from big_vision_lite.convert import torch_env  # noqa: E402
-from big_vision_lite.kernels import cpu_attention, cpu_layer_norm  # noqa: E402
+from big_vision_lite.platform.cpu import memory as host_memory  # noqa: E402
 
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
               "B": "vit_base_patch16_224"}
 CLASSES = 1000
-# The trainer's own CPU compile options (YNNPACK off: Eigen dots); see big_vision_lite/xla_options.py.
-CPU_EIGEN_DOTS = xla_options.CPU_EIGEN_DOTS
 
 
 def _config(variant: str, batch: int) -> config_lib.ConfigDict:
@@ -101,8 +106,11 @@ class Ours:
   """The trainer's compiled train step, and a jitted forward of the same model."""
 
   def __init__(self, variant: str, batch: int, infer_batch: int, res: int, modes: set[str],
-               compiler_options: dict[str, str] | None = None):
+               impls: dict[str, str]):
     c = _config(variant, batch)
+    c.model.attention_impl, c.model.norm_impl = impls["attention_impl"], impls["norm_impl"]
+    c.platform.cpu_dots = impls["cpu_dots"]
+    platform.configure(c)
     example = {"image": np.zeros((1, res, res, 3), np.float32),
                "labels": np.zeros((1, CLASSES), np.float32)}
     self.mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
@@ -117,15 +125,14 @@ class Ours:
         self.batch = sharding.global_batch(
             {"image": img, "labels": np.eye(CLASSES, dtype=np.float32)[lab]}, self.mesh)
         t0 = time.perf_counter()
-        self.step = train.make_train_step(setup, 1).lower(self.state, self.batch).compile(
-            compiler_options=compiler_options)
+        self.step = train.make_train_step(setup, 1).lower(self.state, self.batch).compile()
         self.compile_s["train"] = time.perf_counter() - t0
       if "infer" in modes:
         self.images = jax.device_put(_images(infer_batch, res, 1)[0])
-        fwd = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False)[0])
+        fwd = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False)[0],
+                      compiler_options=platform.compiler_options())
         t0 = time.perf_counter()
-        self.fwd = fwd.lower(self.state["params"], self.images).compile(
-            compiler_options=compiler_options)
+        self.fwd = fwd.lower(self.state["params"], self.images).compile()
         self.compile_s["infer"] = time.perf_counter() - t0
 
   def _ctx(self):
@@ -153,6 +160,73 @@ class Ours:
   def infer(self) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(self.fwd(self.state["params"], self.images))
+    return time.perf_counter() - t0
+
+
+def import_big_vision_vit(path: str):
+  """big_vision.models.vit from the checkout at `path` (a TensorFlow stub where none is here)."""
+  import importlib.machinery  # noqa: PLC0415
+  import types  # noqa: PLC0415
+  import flax.training.checkpoints  # noqa: F401,PLC0415 (first: flax.io looks for a real TF)
+  try:
+    import tensorflow  # noqa: F401,PLC0415
+  except ImportError:
+    for name in ("tensorflow", "tensorflow.io", "tensorflow.io.gfile"):
+      mod = types.ModuleType(name)
+      mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+      sys.modules[name] = mod
+    sys.modules["tensorflow"].io = sys.modules["tensorflow.io"]
+    sys.modules["tensorflow.io"].gfile = sys.modules["tensorflow.io.gfile"]
+  sys.path.insert(0, os.path.abspath(path))
+  from big_vision.models import vit  # noqa: PLC0415
+  return vit
+
+
+class BigVision:
+  """big_vision's models/vit.py Model with the optax step of its train loop, plain jax.jit."""
+
+  def __init__(self, path: str, variant: str, batch: int, infer_batch: int, res: int,
+               modes: set[str]):
+    import optax  # noqa: PLC0415
+    vit = import_big_vision_vit(path)
+    self.model = vit.Model(num_classes=CLASSES, variant=f"{variant}/16", pool_type="tok",
+                           posemb="learn")
+    self.params = jax.jit(self.model.init)(jax.random.key(0),
+                                           np.zeros((1, res, res, 3), np.float32))["params"]
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=1e-4))
+    self.opt = tx.init(self.params)
+    self.compile_s = {}
+    if "train" in modes:
+      img, lab = _images(batch, res)
+      self.x, self.y = jax.device_put(img), jax.device_put(np.eye(CLASSES, dtype=np.float32)[lab])
+
+      def step(params, opt, x, y):
+        def loss_fn(p):
+          logits, _ = self.model.apply({"params": p}, x, train=True)
+          return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits), axis=-1))
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+      t0 = time.perf_counter()
+      self.step = jax.jit(step, donate_argnums=(0, 1)).lower(
+          self.params, self.opt, self.x, self.y).compile()
+      self.compile_s["train"] = time.perf_counter() - t0
+    if "infer" in modes:
+      self.images = jax.device_put(_images(infer_batch, res, 1)[0])
+      t0 = time.perf_counter()
+      self.fwd = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False)[0]).lower(
+          self.params, self.images).compile()
+      self.compile_s["infer"] = time.perf_counter() - t0
+
+  def train_step(self) -> float:
+    t0 = time.perf_counter()
+    self.params, self.opt, loss = self.step(self.params, self.opt, self.x, self.y)
+    jax.block_until_ready((self.params, loss))
+    return time.perf_counter() - t0
+
+  def infer(self) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(self.fwd(self.params, self.images))
     return time.perf_counter() - t0
 
 
@@ -222,7 +296,7 @@ def machine_state(torch_mod, size: int = 2048, repeats: int = 5) -> tuple[str, d
     del src, dst  # the buffers cannot close while arrays still view them
   line = (f"{size}^2 fp32 matmul: jax {jax_rate / 1e9:.0f} GFLOP/s, torch {torch_rate / 1e9:.0f} "
           f"GFLOP/s; memory copy {2 * nbytes / copy_s / 1e9:.1f} GB/s (read + write, numpy)")
-  return line, {"ours": jax_rate, "torch": torch_rate}
+  return line, {"ours": jax_rate, "torch": torch_rate, "big_vision": jax_rate}
 
 
 def _best_s(fn: Callable[[], object], repeats: int) -> float:
@@ -269,7 +343,7 @@ def _alternate(fns: dict[str, Callable[[], float]], rounds: int, block: int, war
 
 def _report(label: str, batch: int, wall: dict[str, list[list[float]]],
             cpu: dict[str, list[list[float]]], first: int, flops_per_step: float | None,
-            matmul_rates: dict[str, float]) -> None:
+            matmul_rates: dict[str, float]) -> dict[str, float]:
   """Prints images/s and the ratio over the steps of each block from index `first`.
 
   first=0: total images / total time (every step counts); first>=1: median step. With the
@@ -287,10 +361,14 @@ def _report(label: str, batch: int, wall: dict[str, list[list[float]]],
     if flops_per_step:
       achieved = flops_per_step / stat(pick(wall[k]))
       rate = f";  {achieved / 1e9:.0f} GFLOP/s = {achieved / matmul_rates[k]:.0%} of its matmul probe"
-    print(f"    {k:6s} {ips[k]:7.2f} img/s  {name} step {stat(pick(wall[k])):.3f} s;  "
+    print(f"    {k:10s} {ips[k]:7.2f} img/s  {name} step {stat(pick(wall[k])):.3f} s;  "
           f"CPU {stat(pick(cpu[k])):.3f} s/step = {cpu_ips[k]:.2f} img/CPU-s{rate}")
   print(f"    ratio ours/torch = {ips['ours'] / ips['torch']:.3f} by wall time, "
         f"{cpu_ips['ours'] / cpu_ips['torch']:.3f} by CPU time  (goal >= 1.0)")
+  if "big_vision" in ips:
+    print(f"    ratio ours/big_vision = {ips['ours'] / ips['big_vision']:.3f} by wall time, "
+          f"{cpu_ips['ours'] / cpu_ips['big_vision']:.3f} by CPU time  (goal >= 1.3)")
+  return ips
 
 
 def main() -> None:
@@ -303,12 +381,15 @@ def main() -> None:
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--res", type=int, default=224)
   ap.add_argument("--mode", default="both", choices=("train", "infer", "both"))
-  ap.add_argument("--cpu_dots", default="eigen", choices=("eigen", "default"),
-                  help="XLA:CPU GEMM for our dots: 'eigen' (YNNPACK off, see CPU_EIGEN_DOTS) or "
-                       "jax's default (YNNPACK)")
-  ap.add_argument("--malloc", default="keep", choices=("keep", "hugepages", "default"),
-                  help="'keep': large blocks cached and glibc keeps freed memory, as in the "
-                       "trainer; 'hugepages': "
+  for key, table in (("attention_impl", platform.ATTENTION), ("norm_impl", platform.NORM),
+                     ("cpu_dots", platform.CPU_DOTS)):
+    ap.add_argument(f"--{key}", default="auto", choices=("auto", *table),
+                    help=f"our config's {key} (big_vision_lite/platform)")
+  ap.add_argument("--big_vision", default="", metavar="PATH",
+                  help="a big_vision checkout: also time its models/vit.py (skipped if unset)")
+  ap.add_argument("--malloc", default="default", choices=("keep", "hugepages", "default"),
+                  help="'keep': large blocks cached and glibc keeps freed memory, as "
+                       "launch/cpu.sh; 'hugepages': "
                        f"restart with GLIBC_TUNABLES={host_memory.HUGEPAGES_TUNABLE} (Linux); "
                        "'default': glibc as it is")
   args = ap.parse_args()
@@ -318,23 +399,22 @@ def main() -> None:
   malloc = bench_setup.keep_freed_memory(args.malloc)
   modes = {"train", "infer"} if args.mode == "both" else {args.mode}
 
-  if args.cpu_dots == "default":
-    os.environ["BVL_CPU_DOTS"] = "default"  # so train.make_train_step's own jit keeps jax's setting too
-  opts = CPU_EIGEN_DOTS if args.cpu_dots == "eigen" and jax.default_backend() == "cpu" else None
-  ours = Ours(args.variant, args.batch, args.infer_batch, args.res, modes, compiler_options=opts)
+  impls = {k: getattr(args, k) for k in ("attention_impl", "norm_impl", "cpu_dots")}
+  ours = Ours(args.variant, args.batch, args.infer_batch, args.res, modes, impls)
   theirs = Torch(args.variant, args.batch, args.infer_batch, args.res, modes)
+  bv = (BigVision(args.big_vision, args.variant, args.batch, args.infer_batch, args.res, modes)
+        if args.big_vision else None)
   print(f"ViT-{args.variant}/16 at {args.res}px, {CLASSES} classes, fp32; jax {jax.__version__} "
         f"({jax.devices()[0].platform}), torch {theirs.torch.__version__}")
   print(bench_setup.cpu_line())
   print(thread_settings(theirs.torch))
   print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; {malloc}")
-  print(f"our compiler_options: {opts}")
-  for what, kernel in (("attention", cpu_attention), ("LayerNorm", cpu_layer_norm)):
-    reason = kernel.unavailable_reason() if jax.device_count() == 1 else "several devices"
-    source = os.path.basename(kernel.SOURCE)
-    print(f"our {what}: " + (f"CPU kernel (big_vision_lite/kernels/{source})"
-                             if reason is None else f"XLA ({reason})"))
+  print(f"our config: {impls}; compiler_options {platform.compiler_options()}")
   print("our compile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
+  if bv is not None:
+    print(f"big_vision ({args.big_vision}) compile time: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in bv.compile_s.items()))
+  rows = []
   before, matmul_rates = machine_state(theirs.torch)
   print("machine before: " + before)
   example = {"image": np.zeros((1, args.res, args.res, 3), np.float32)}
@@ -343,21 +423,27 @@ def main() -> None:
     if mode not in modes:
       continue
     batch = args.batch if mode == "train" else args.infer_batch
-    fns = {"ours": getattr(ours, "train_step" if mode == "train" else "infer"),
-           "torch": getattr(theirs, "train_step" if mode == "train" else "infer")}
+    sides = {"ours": ours, "torch": theirs, **({"big_vision": bv} if bv else {})}
+    fns = {k: getattr(v, "train_step" if mode == "train" else "infer") for k, v in sides.items()}
     wall, cpu = _alternate(fns, args.steps, args.block, args.warmup)
     label = "train step (fwd+bwd+AdamW)" if mode == "train" else "forward only"
     print(f"{label}, batch {batch}, {args.steps} rounds of {args.block} steps each side, "
           f"after {args.warmup} warm-up:")
     for k in fns:
-      print(f"  {k:6s} wall s by round: " + " | ".join(", ".join(f"{t:.3f}" for t in b) for b in wall[k]))
+      print(f"  {k:10s} wall s by round: " + " | ".join(", ".join(f"{t:.3f}" for t in b) for b in wall[k]))
     step_flops = forward_flops and (flops.train_flops_per_step(forward_flops, batch)
                                     if mode == "train" else forward_flops * batch)
-    _report("all steps", batch, wall, cpu, 0, step_flops, matmul_rates)
+    ips = _report("all steps", batch, wall, cpu, 0, step_flops, matmul_rates)
     if args.block > 1:
-      _report("steady (each block's first step left out)", batch, wall, cpu, 1, step_flops,
-              matmul_rates)
+      ips = _report("steady (each block's first step left out)", batch, wall, cpu, 1, step_flops,
+                    matmul_rates)
+    rows.append((mode, ips))
   print("machine after: " + machine_state(theirs.torch)[0])
+  # One line per mode, with the CPU: a ratio means nothing without it (RESULTS.md, issue 25).
+  for mode, ips in rows:
+    ratios = "; ".join(f"ours/{k} {ips['ours'] / ips[k]:.3f}" for k in ips if k != "ours")
+    print(f"row: ViT-{args.variant}/16 {mode} img/s " + ", ".join(f"{k} {v:.2f}" for k, v in ips.items())
+          + f"; {ratios}; {bench_setup.cpu_line()}")
   print(bench_setup.memory_line())
 
 

@@ -47,7 +47,9 @@ def defaults() -> ConfigDict:
   c.input.max_bad_fraction = 0.01
 
   c.model_name = "vit"
-  c.model = ConfigDict()
+  # The implementation of attention and LayerNorm (big_vision_lite/platform): 'auto' picks per
+  # backend and shape (on CPU by a cached measurement), or one of platform.ATTENTION / NORM.
+  c.model = ConfigDict(dict(attention_impl="auto", norm_impl="auto"))
   c.model_init = ""  # pretrained weights: one of our workdirs/steps, or a big_vision .npz
   c.model_load = ConfigDict(dict(allow_mismatch=False, subtree=""))
 
@@ -71,6 +73,10 @@ def defaults() -> ConfigDict:
   c.spike_skip = ConfigDict(dict(window=0, k=6.0, min_steps=20, std_floor=0.1))
   # Stop (exit 1) once more than this many updates in a row were skipped (non-finite or spike); 0 = never.
   c.max_consecutive_skips = 10
+
+  # Compiler settings per backend (big_vision_lite/platform): XLA:CPU's dot emitter,
+  # 'auto' (measured once per CPU model and width), 'eigen' or 'ynnpack'.
+  c.platform = ConfigDict(dict(cpu_dots="auto"))
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   c.sharding_rules = [
@@ -108,6 +114,8 @@ RESUMABLE_CHANGES = (
     "keep_ckpts", "keep_ckpt_steps", "async_checkpoint", "mfu_peak_flops", "mesh", "sharding_rules",
     "input.prefetch", "input.bad_examples", "input.max_bad_fraction", "nan_policy", "spike_skip",
     "max_consecutive_skips", "allow_config_change", "profile",
+    # Implementations differ by float rounding only; a resume may run on another host.
+    "model.attention_impl", "model.norm_impl", "platform",
 )
 
 

@@ -50,6 +50,8 @@ def build_model(name: str, kwargs: dict[str, Any], key: str = "config.model") ->
   except UnknownNameError as e:
     where = "config.model_name" if key == "config.model" else key  # a tower's name is under its own key
     raise ConfigError(f"{where}: {e}") from None
+  if key == "config.model":  # the platform layer's keys (models.PLATFORM_KEYS), not the module's
+    kwargs = {k: v for k, v in kwargs.items() if k not in models.PLATFORM_KEYS}
   model = construct(factory, kwargs, key, f"model {name!r}")
   for field, (sub_factory, sub_kwargs) in getattr(model, "submodels", lambda: {})().items():
     if isinstance(sub_factory, str):

@@ -16,7 +16,8 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
-from big_vision_lite import files, host_cpu
+from big_vision_lite import files
+from big_vision_lite.platform.cpu import host as host_cpu
 
 # bf16 dense peak FLOP/s per *JAX device* (not per chip where they differ:
 # TPU v2/v3 expose each of a chip's two cores as a device). Matched in order

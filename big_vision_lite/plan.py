@@ -156,9 +156,11 @@ def plan(config, topology: str, memory_gib: float | None = None) -> dict[str, An
   """
   import flax.linen as nn
   import jax
-  from big_vision_lite import build, config as config_lib, distributed, flops, sharding, train_step
+  from big_vision_lite import build, config as config_lib, distributed, flops, platform, sharding, train_step
 
   devices, chip = topology_devices(topology)
+  # Implementations for the target's backend: a TPU plan never measures CPU kernels here.
+  platform.configure(config, backend=devices[0].platform)
   hosts = len({d.process_index for d in devices})
   config_lib.validate(_for_validation(config), len(devices), hosts)
   config = copy.deepcopy(config)

@@ -11,8 +11,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from big_vision_lite import (block_cache, checkpoint, evaluators, flops, host_memory, metrics,
-                             sharding, signals, storage)
+from big_vision_lite import checkpoint, evaluators, flops, metrics, sharding, signals, storage
 from big_vision_lite.build import build
 from big_vision_lite.data import pipeline, worker_watch
 from big_vision_lite.hooks import Hook, checkpoint as ckpt_hooks, evaluation, every_n
@@ -32,13 +31,6 @@ def _print_start(config, setup, peak: float, peak_desc: str) -> None:
         f"{jax.process_count()} process(es); {setup.total_steps} steps of batch "
         f"{config.input.batch_size}; MFU peak {peak:.3g} FLOP/s per device ({peak_desc})",
         flush=True)
-  # Platform notes (CPU heap): host_memory / block_cache.
-  if host_memory.kept_freed_memory():
-    print("host memory: glibc keeps what XLA:CPU frees (one malloc arena, no trimming; "
-          "BVL_KEEP_HEAP=0 turns this off)", flush=True)
-    print(block_cache.describe(), flush=True)
-  elif hint := host_memory.hint(jax.default_backend()):
-    print(f"note: {hint}", file=sys.stderr, flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
@@ -150,8 +142,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
         pipeline.close_iterator(train_iter)
       except Exception as e:  # noqa: BLE001
         log.info("also failed while stopping the input workers: %s: %s", type(e).__name__, e)
-  if is_main and (counters := block_cache.counters()):
-    print(f"host memory: {counters}", flush=True)
   return run_log.last
 
 

@@ -11,42 +11,24 @@ from __future__ import annotations
 
 import sys
 
+# First of all (two light imports, no JAX), so a SIGTERM/SIGINT during start-up is not lost:
+# the imports below take seconds. main() installs the handlers again.
+from big_vision_lite import signals as _early_signals
 
-def _restart_command_line() -> int | None:
-  """Restarts this program once with the block cache preloaded (block_cache.py), where it
-  applies; 2 after printing a bad BVL_BLOCK_CACHE_* setting, else None."""
-  from big_vision_lite import block_cache  # pylint: disable=import-outside-toplevel (light: no JAX)
-  try:
-    block_cache.restart(sys.orig_argv[1:])
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return None
-
-
-_restart_checked = False
 if __name__ == "__main__":
-  # First of all, so a SIGTERM/SIGINT during start-up is not lost (main() installs it again).
-  from big_vision_lite import signals as _early_signals
   _early_signals.install(sys.argv[1:])
-  # Before the imports below: they take ~1 s, which a restart in main() would pay twice.
-  if (_code := _restart_command_line()) is not None:
-    sys.exit(_code)
-  _restart_checked = True
 elif __name__ == "__mp_main__":  # a spawned input worker imports this module: signals are the trainer's
-  from big_vision_lite import signals as _early_signals
   _early_signals.ignore_in_worker()
 
 import argparse
 import json
 import logging
-import sys
 from typing import Sequence
 
 from absl import flags as absl_flags
 import jax
 
-from big_vision_lite import checkpoint, config as config_lib, config_check, distributed, host_memory
+from big_vision_lite import checkpoint, config as config_lib, config_check, distributed, platform
 from big_vision_lite import recipes, schedules, sharding, signals, workdir_lock
 from big_vision_lite.data import worker_watch
 from big_vision_lite.data.errors import BadInputError
@@ -122,12 +104,6 @@ def main(argv: Sequence[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
 
 def _main(argv: Sequence[str] | None, hooks: Sequence[Hook]) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  # As the command line does above, for a program that calls main() itself; a caller that
-  # passes argv keeps its process as it is.
-  if argv is None and not _restart_checked and (code := _restart_command_line()) is not None:
-    return code
-  # Before JAX starts: XLA's threads pick their malloc arenas on their first allocation.
-  host_memory.keep_freed_memory()
   # grain's worker processes read absl flags; we take no absl flags of our own.
   absl_flags.FLAGS.mark_as_parsed()
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -136,6 +112,7 @@ def _main(argv: Sequence[str] | None, hooks: Sequence[Hook]) -> int:
     config = config_lib.apply_overrides(config, overrides)
     maybe_initialize_distributed(args)  # before anything asks JAX about devices
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    platform.configure(config, workdir=args.workdir)  # attention/norm/compiler choices
     # Before any dataset is read or built, the workdir written or a step compiled.
     config_check.check_components(config)
     if config.total_steps > 0:

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from big_vision_lite import loss_guard, optim, sharding, xla_options
+from big_vision_lite import loss_guard, optim, platform, sharding
 from big_vision_lite.build import Setup
 
 
@@ -63,4 +63,4 @@ def make_train_step(setup: Setup, grad_accum_steps: int) -> Callable[[dict, dict
   batch_sh = {k: sharding.batch_sharding(setup.mesh, v.ndim) for k, v in setup.example.items()}
   return jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh),
                  out_shardings=(setup.state_shardings, repl), donate_argnums=(0,),
-                 compiler_options=xla_options.compiler_options())
+                 compiler_options=platform.compiler_options())

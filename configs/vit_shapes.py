@@ -8,8 +8,9 @@
 # already cached; its first build adds ~18 s); ~766 img/s, MFU ~33%.
 # Curve: 0.497 / 0.8225 / 0.9205 / 0.9435 at steps 300 / 600 / 900 / 1200.
 # The run is deterministic on one machine (identical losses run to run), but
-# its end point moves with float-level changes: 0.927 with BVL_CPU_LAYER_NORM=0,
-# 0.964 on the 2-core Intel Xeon VM used until 2026-11-24 (README).
+# its end point moves with float-level changes: 0.927 with --config.model.norm_impl=xla
+# (the `auto` choice of attention/LayerNorm/dots is measured per CPU and recorded in the
+# workdir's platform.json), 0.964 on the 2-core Intel Xeon VM used until 2026-11-24 (README).
 """ViT on bvl_shapes: the README's first training command."""
 
 from big_vision_lite.config import ConfigDict, parse_arg

@@ -5,7 +5,7 @@ code path of a TPU pod or a GPU cluster, on fake CPU devices.
 
 Each process gets JAX_NUM_CPU_DEVICES devices and --coordinator_address localhost:<free port>
 --num_processes N --process_id i, and GLIBC_TUNABLES=glibc.malloc.hugetlb=1 added where it works
-(big_vision_lite/host_memory.py; BVL_HUGEPAGES=0 leaves the environment as is). Process 0
+(big_vision_lite/platform/cpu/memory.py; BVL_HUGEPAGES=0 leaves the environment as is). Process 0
 prints as usual; the others' lines are prefixed "[pI]". If one process fails, the others get
 BVL_PEER_GRACE_S seconds (default 30) to stop by themselves (JAX's heartbeat timeout does
 that), then are killed, with a one-line reason.
@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Mapping, Sequence
 
-from big_vision_lite import host_memory
+from big_vision_lite.platform.cpu import memory as host_memory
 
 PREEMPTED = 75
 
@@ -55,7 +55,7 @@ def start(num_processes: int, trainer_args: Sequence[str], *, devices_per_proces
   port = port or free_port()
   procs = []
   for i in range(num_processes):
-    # Huge pages for glibc's large allocations: ~10% faster CPU steps (big_vision_lite/host_memory.py).
+    # Huge pages for glibc's large allocations: ~10% faster CPU steps (big_vision_lite/platform/cpu/memory.py).
     penv = host_memory.with_hugepages(os.environ if env is None else env)
     penv.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices_per_process))
     penv.pop("XLA_FLAGS", None)  # a device-count flag there would override ours

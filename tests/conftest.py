@@ -8,7 +8,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 # Start the backend now, so that an in-process train.main() never changes this process's malloc
-# settings (host_memory.keep_freed_memory applies only before JAX starts).
+# settings.
 jax.devices()
 
 from absl import flags  # noqa: E402

@@ -101,8 +101,7 @@ def install(spec: str) -> list:
 
 def main() -> int:
   spec = sys.argv[1]
-  # The trainer reads its arguments from sys.argv (its resume command and block-cache restart
-  # included); the restart re-executes this file with the fault again (sys.orig_argv).
+  # The trainer reads its arguments from sys.argv (its printed resume command included).
   sys.argv = [sys.argv[0], *sys.argv[2:]]
   from big_vision_lite import signals  # pylint: disable=import-outside-toplevel (light: no JAX)
   signals.install(sys.argv[1:])  # as train.py does first thing

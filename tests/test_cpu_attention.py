@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import kernel_checks
-from big_vision_lite.kernels import cpu_attention
-from big_vision_lite.models import common
+from big_vision_lite.platform import xla
+from big_vision_lite.platform.cpu import attention as cpu_attention
 
 if cpu_attention.unavailable_reason() is not None:
   pytest.skip(f"CPU attention kernel: {cpu_attention.unavailable_reason()}",
@@ -65,7 +65,7 @@ def test_large_logits_stay_finite():
   assert np.isfinite(np.asarray(out)).all()
   # Logits of ~1e3 carry float32 rounding of ~1e-4 into the softmax, in any float32 kernel.
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(out, common.token_major_attention(q, k, v), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out, xla.attention(q, k, v, scale=1.0), rtol=1e-4, atol=1e-4)
 
 
 def test_matches_xla_path_and_vmaps():
@@ -75,19 +75,19 @@ def test_matches_xla_path_and_vmaps():
     return jax.value_and_grad(lambda q, k, v: jnp.sum(f(q, k, v) * do), argnums=(0, 1, 2))(
         q, k, v)
 
-  ker = both(lambda q, k, v: cpu_attention.attention(q, k, v, common.token_major_attention))
-  xla = both(common.token_major_attention)
-  for a, b in zip(jax.tree.leaves(ker), jax.tree.leaves(xla)):
+  ker = both(lambda q, k, v: cpu_attention.attention(q, k, v, scale=1.0))
+  xla_out = both(lambda q, k, v: xla.attention(q, k, v, scale=1.0))
+  for a, b in zip(jax.tree.leaves(ker), jax.tree.leaves(xla_out)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   # Extra leading dims (above) and vmap both reach the kernel as batch.
   vm = jax.vmap(cpu_attention._attention)(q, k, v)
-  np.testing.assert_allclose(vm, common.token_major_attention(q, k, v), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(vm, xla.attention(q, k, v, scale=1.0), rtol=1e-5, atol=1e-5)
 
 
 def test_lowers_for_cpu_only():
   """A CPU lowering holds the custom call; a TPU lowering of the same function does not."""
   q, k, v, _ = operands((1, 8, 1, 16))
-  f = jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, common.token_major_attention))
+  f = jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, scale=1.0))
   assert cpu_attention._FWD in f.lower(q, k, v).as_text()
   tpu = f.trace(q, k, v).lower(lowering_platforms=("tpu",)).as_text()
   assert cpu_attention._FWD not in tpu and "dot_general" in tpu
@@ -102,10 +102,10 @@ def test_supports():
 
 
 def test_model_uses_kernel_on_one_device_and_falls_back(tmp_path):
-  """A (scanned, remat) Encoder on one CPU device runs the kernel; with BVL_CPU_ATTENTION=0, or with
+  """A (scanned, remat) Encoder on one CPU device runs the kernel; with config.model.attention_impl='xla', or with
   no compiler, it runs XLA, logs why, and computes the same gradients."""
   kernel_checks.check_model_uses_kernel_and_falls_back(
-      tmp_path, "cpu_attention", "BVL_CPU_ATTENTION", "attention")
+      tmp_path, "attention", "attention_impl", "attention")
 
 
 def test_build_error_names_the_compiler_output(tmp_path, monkeypatch):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import kernel_checks
-from big_vision_lite.kernels import cpu_layer_norm
-from big_vision_lite.models import common
+from big_vision_lite.platform import xla
+from big_vision_lite.platform.cpu import layer_norm as cpu_layer_norm
 
 if cpu_layer_norm.unavailable_reason() is not None:
   pytest.skip(f"CPU LayerNorm kernel: {cpu_layer_norm.unavailable_reason()}",
@@ -71,13 +71,13 @@ def test_matches_xla_path_and_vmaps():
     return jax.value_and_grad(lambda x, s, b: jnp.sum(f(x, s, b) * dy), argnums=(0, 1, 2))(
         x, scale, bias)
 
-  xla = lambda x, s, b: common.layer_norm_fn(x, s, b, EPS)
-  ker = both(lambda x, s, b: cpu_layer_norm.layer_norm(x, s, b, EPS, xla))
-  for a, b in zip(jax.tree.leaves(ker), jax.tree.leaves(both(xla))):
+  ref = lambda x, s, b: xla.layer_norm(x, s, b, EPS)
+  ker = both(lambda x, s, b: cpu_layer_norm.layer_norm(x, s, b, EPS))
+  for a, b in zip(jax.tree.leaves(ker), jax.tree.leaves(both(ref))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
   # A vmapped call runs the kernel per batch element, with the (unbatched) scale and bias.
   vm = jax.vmap(lambda x: cpu_layer_norm._layer_norm(x, scale, bias, EPS))(x)
-  np.testing.assert_allclose(vm, xla(x, scale, bias), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(vm, ref(x, scale, bias), rtol=1e-5, atol=1e-5)
   per_example = jax.vmap(jax.grad(lambda x, s: jnp.sum(cpu_layer_norm._layer_norm(
       x, s, bias, EPS) * dy[0]), argnums=1), in_axes=(0, None))(x, scale)
   want = [np_layer_norm_grads(x[i], scale, bias, dy[0])[1] for i in range(len(x))]
@@ -98,8 +98,7 @@ def test_repeat_calls_are_bitwise_equal():
 def test_lowers_for_cpu_only():
   """A CPU lowering holds the custom call; a TPU lowering of the same function does not."""
   x, scale, bias, _ = operands((2, 8, 16))
-  xla = lambda x, s, b: common.layer_norm_fn(x, s, b, EPS)
-  f = jax.jit(lambda x, s, b: cpu_layer_norm.layer_norm(x, s, b, EPS, xla))
+  f = jax.jit(lambda x, s, b: cpu_layer_norm.layer_norm(x, s, b, EPS))
   assert cpu_layer_norm._FWD in f.lower(x, scale, bias).as_text()
   tpu = f.trace(x, scale, bias).lower(lowering_platforms=("tpu",)).as_text()
   assert cpu_layer_norm._FWD not in tpu and "rsqrt" in tpu
@@ -117,7 +116,7 @@ def test_supports_and_rejects():
 
 
 def test_model_uses_kernel_on_one_device_and_falls_back(tmp_path):
-  """A (scanned, remat) Encoder on one CPU device runs the kernel; with BVL_CPU_LAYER_NORM=0,
+  """A (scanned, remat) Encoder on one CPU device runs the kernel; with config.model.norm_impl='xla',
   or with no compiler, it runs XLA, logs why, and computes the same gradients."""
   kernel_checks.check_model_uses_kernel_and_falls_back(
-      tmp_path, "cpu_layer_norm", "BVL_CPU_LAYER_NORM", "LayerNorm")
+      tmp_path, "layer_norm", "norm_impl", "LayerNorm")

@@ -2,7 +2,7 @@
 
 import os
 
-from big_vision_lite import host_cpu
+from big_vision_lite.platform.cpu import host as host_cpu
 
 _AMD = """processor\t: 0
 vendor_id\t: AuthenticAMD

@@ -19,8 +19,7 @@ import pytest
 import helpers
 from helpers import assert_bitwise_equal, final_params, metric_rows
 
-from big_vision_lite import build, config as config_lib, host_memory, pretrained, restore, run, train
-from big_vision_lite.kernels import cpu_build
+from big_vision_lite import build, config as config_lib, pretrained, restore, run, train
 from big_vision_lite.tools import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,14 +40,15 @@ def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   r = run_cli(workdir)
   assert r.returncode == 0, r.stderr[-3000:]
-  # The CLI set glibc to keep freed memory before JAX started (host_memory.keep_freed_memory).
-  assert ("host memory: glibc keeps" in r.stdout) == (host_memory.glibc_version() is not None)
-  # ... having restarted itself once with the block cache preloaded (block_cache.py).
-  if host_memory.glibc_version() is not None and cpu_build.compiler("c"):
-    assert "host memory: blocks of 1024 KiB and more are kept for reuse" in r.stdout, r.stdout
-    # ... and its counters at the end (this tiny model has no block of 1 MiB: all zero).
-    assert re.search(r"^host memory: block cache: \d+ blocks mapped, \d+ reused, \d+ unmapped, "
-                     r"peak live [\d.]+ GiB, \d+ waits for a free \(\d+ served\)$", r.stdout, re.M), r.stdout
+  # The implementations chosen (config.model.attention_impl / norm_impl, platform.cpu_dots:
+  # 'auto' here) are printed and recorded in the workdir beside config.json.
+  with open(os.path.join(workdir, "platform.json")) as f:
+    chosen = json.load(f)["decisions"]
+  assert chosen["cpu dots"]["impl"] in ("eigen", "ynnpack")
+  attn = [d for w, d in chosen.items() if w.startswith("attention")]
+  assert attn and all(d["requested"] == "auto" for d in attn)
+  for what, d in chosen.items():
+    assert f"platform: {what}: {d['impl']} ({d['why']})" in r.stdout
   # After the first step: the compiled step's memory per device, from XLA's analysis.
   mem = re.search(r"^train step memory per device \(XLA's analysis\): arguments ([\d.]+) MiB, "
                   r"temporaries ([\d.]+) MiB, outputs ([\d.]+) MiB \(([\d.]+) MiB of them in "
@@ -64,6 +64,10 @@ def uninterrupted(tmp_path_factory):
     (["--config.totl_steps=3"], "did you mean 'total_steps'"),
     (["--config.total_steps=ten"], "config.total_steps: expected int"),
     (["--config.input.batch_size=12"], "config.input.batch_size: 12"),
+    (["--config.model.attention_impl=flash"], "config.model.attention_impl: must be one of"),
+    (["--config.model.attention_impl=cudnn"], "config.model.attention_impl: 'cudnn' runs on GPU"),
+    (["--config.model.norm_impl=splash"], "config.model.norm_impl: must be one of"),
+    (["--config.platform.cpu_dots=mkl"], "config.platform.cpu_dots: must be one of"),
 ])
 def test_cli_config_errors_are_one_line(args, match, capsys):
   code = train.main(["--config", os.path.join(ROOT, TINY), "--workdir", "", *args])

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from big_vision_lite import sharding, xla_options
+from big_vision_lite import platform, sharding
 from big_vision_lite.registry import Registry
 from big_vision_lite.config import ConfigError
 
@@ -40,9 +40,9 @@ class Evaluator:
     self.workdir = workdir  # the trainer's; evaluators that write files (caption_samples) use it
 
   def jit(self, fn):
-    """jax.jit for an eval step: replicated outputs, the backend's compile options (xla_options)."""
+    """jax.jit for an eval step: replicated outputs, the backend's compile options (platform)."""
     return jax.jit(fn, out_shardings=sharding.replicated(self.mesh),
-                   compiler_options=xla_options.compiler_options())
+                   compiler_options=platform.compiler_options())
 
   def should_run(self, step: int) -> bool:
     return step == self.total_steps or (self.log_steps > 0 and step % self.log_steps == 0)

@@ -9,6 +9,11 @@ from big_vision_lite.registry import Registry
 MODELS = Registry("model", "big_vision_lite.models")
 
 
+# config.model keys that choose implementations, not architecture: the platform layer reads
+# them (big_vision_lite.platform.configure), so the modules never see them.
+PLATFORM_KEYS = ("attention_impl", "norm_impl")
+
+
 def get_model(name: str, **kwargs) -> nn.Module:
-  """Returns the model registered as `name`, built with `kwargs`."""
-  return MODELS.get(name)(**kwargs)
+  """Returns the model registered as `name`, built with `kwargs` (less PLATFORM_KEYS)."""
+  return MODELS.get(name)(**{k: v for k, v in kwargs.items() if k not in PLATFORM_KEYS})

@@ -6,7 +6,6 @@ activations get logical constraints; both are no-ops until a mesh and rules are 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -15,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.kernels import cpu_attention, cpu_layer_norm
+from big_vision_lite import platform
+from big_vision_lite.platform.xla import layer_norm as layer_norm_fn, sum_leading  # noqa: F401
 
 Array = jax.Array
 Initializer = Callable[..., Any]
@@ -44,19 +44,6 @@ def remat_policy(name: str | None) -> Callable[..., Any] | None:
   return getattr(jax.checkpoint_policies, name)
 
 
-def sum_leading(g: Array, shape: tuple[int, ...]) -> Array:
-  """Sums g over its leading axes down to its trailing `shape`, as a float32 ones @ g matmul.
-
-  XLA:CPU lowers such a reduction over batch and length (a bias or LayerNorm-scale
-  gradient) as a windowed column reduction: 11-12 ms for a (32, 197, 1536) tensor on
-  the 2-core machine, against ~1 ms as a matmul (benchmarks/RESULTS.md, round 5).
-  """
-  size = math.prod(shape)
-  rows = g.size // size
-  return jnp.dot(jnp.ones((rows,), g.dtype), g.reshape(rows, size),
-                 preferred_element_type=jnp.float32).reshape(shape)
-
-
 @jax.custom_vjp
 def add_bias(y: Array, b: Array) -> Array:
   """y + b, b broadcast over y's leading axes; the bias gradient goes through sum_leading."""
@@ -74,49 +61,13 @@ def _add_bias_bwd(b: Array, g: Array) -> tuple[Array, Array]:
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm_fn(x: Array, scale: Array, bias: Array, eps: float) -> Array:
-  """LayerNorm over the last axis, in float32; flax's LayerNorm but with a two-pass variance.
-
-  Hand-written backward: the scale and bias gradients go through sum_leading, and the
-  input gradient is one fused expression; flax's autodiff LayerNorm ran fwd+bwd in
-  7-9 ms vs 4-4.5 ms for this at (32, 197, 384) on the 2-core machine.
-  """
-  return _layer_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _layer_norm_fwd(x: Array, scale: Array, bias: Array, eps: float) -> tuple[Array, tuple]:
-  x32 = x.astype(jnp.float32)
-  xc = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
-  xhat = xc * rstd
-  # A 0-d array of x's dtype carries that dtype to the backward (residuals are arrays).
-  return xhat * scale + bias, (xhat, rstd, scale, jnp.zeros((), x.dtype))
-
-
-def _layer_norm_bwd(eps: float, res: tuple, dy: Array) -> tuple[Array, Array, Array]:
-  del eps
-  xhat, rstd, scale, x_like = res
-  dy = dy.astype(jnp.float32)
-  g = dy * scale
-  dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
-               - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
-  return (dx.astype(x_like.dtype), sum_leading(dy * xhat, scale.shape).astype(scale.dtype),
-          sum_leading(dy, scale.shape).astype(scale.dtype))
-
-
-layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
 class LayerNorm(nn.Module):
-  """LayerNorm with flax's params (`scale`, `bias`, "embed" axis) and layer_norm_fn's math.
+  """LayerNorm with flax's params (`scale`, `bias`, "embed" axis), two-pass variance in float32.
 
-  On a one-device CPU process, float32 input of a width divisible by 16 runs the
-  `kernels.cpu_layer_norm` kernel (same math; XLA's path on every other platform), unless
-  `use_kernel` is False.
+  The implementation is the platform layer's (config.model.norm_impl); `impl` overrides it.
   """
   epsilon: float = 1e-6
-  use_kernel: bool = True
+  impl: str | None = None
   use_bias: bool = True  # False: no `bias` param (big_vision's CapPa decoder_bias=False)
 
   @nn.compact
@@ -127,11 +78,7 @@ class LayerNorm(nn.Module):
       bias = self.param("bias", part(nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
     else:
       bias = jnp.zeros((d,), jnp.float32)
-    if self.use_kernel and cpu_layer_norm.supports(x, scale, bias):
-      eps = self.epsilon
-      return cpu_layer_norm.layer_norm(
-          x, scale, bias, eps, lambda x, s, b: layer_norm_fn(x, s, b, eps))
-    return layer_norm_fn(x, scale, bias, self.epsilon)
+    return platform.layer_norm(x, scale, bias, self.epsilon, impl=self.impl)
 
 
 def layer_norm(eps: float, name: str | None = None, use_bias: bool = True) -> LayerNorm:
@@ -178,38 +125,11 @@ class DenseGeneral(nn.Module):
     return y
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
-                          dtype_mm: Any = jnp.float32) -> Array:
-  """softmax(q k^T + mask) v for head-major (..., H, L, hd) operands; q comes pre-scaled."""
-  logits = jnp.einsum("...hqd,...hkd->...hqk", q, k)
-  # Softmax in fp32 whatever the matmul dtype: bf16 logits lose too much.
-  logits = logits.astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  # softmax(l) @ v, normalised after the matmul: dividing the (.., Q, hd) output
-  # instead of the (.., Q, K) weights is fewer FLOPs and one pass less over the
-  # largest tensor. Same math as jax.nn.softmax (max-shifted, so exp <= 1).
-  e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-  y = jnp.einsum("...hqk,...hkd->...hqd", e.astype(dtype_mm), v)
-  return (y / jnp.sum(e, axis=-1, keepdims=True)).astype(dtype_mm)
-
-
-def token_major_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
-                          dtype_mm: Any = jnp.float32) -> Array:
-  """`dot_product_attention` for token-major (..., L, H, hd) operands, as projected."""
-  # Head-major (B, H, L, hd) operands make both attention matmuls plain batched
-  # matmuls; XLA:CPU otherwise transposes inside each dot (~25% slower attention).
-  q, k, v = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
-  return jnp.swapaxes(dot_product_attention(q, k, v, mask, dtype_mm), -3, -2)
-
-
 class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with big_vision's query/key/value/out parameters.
 
-  `mask` (optional, bool) broadcasts to (B, heads, Q, K); True means attend.
-  On one CPU device, float32 attention without a mask whose queries and keys have one
-  shape (self-attention) runs the fused `kernels.cpu_attention` kernel (same math);
-  everything else runs through XLA.
+  `mask` (optional, bool) broadcasts to (B, heads, Q, K); True means attend. The softmax
+  attention itself is the platform layer's (config.model.attention_impl).
   """
   num_heads: int = 12
   dtype_mm: Any = jnp.float32
@@ -228,12 +148,7 @@ class MultiHeadDotProductAttention(nn.Module):
     q = nn.with_logical_constraint(q, ACT_HEADS)
     k = nn.with_logical_constraint(k, ACT_HEADS)
     v = nn.with_logical_constraint(v, ACT_HEADS)
-    q = q / jnp.sqrt(hd).astype(q.dtype)
-    if cpu_attention.supports(q, k, v, mask):
-      y = cpu_attention.attention(q, k, v, functools.partial(
-          token_major_attention, dtype_mm=self.dtype_mm))
-    else:
-      y = token_major_attention(q, k, v, mask, self.dtype_mm)
+    y = platform.attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(hd))
     return DenseGeneral(features=(d,), num_in=2, kernel_axes=("heads", "kv", "embed"),
                         bias_axes=("embed",), dtype_mm=self.dtype_mm, name="out")(y)
 

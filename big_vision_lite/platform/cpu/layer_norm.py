@@ -3,28 +3,28 @@
 XLA:CPU runs LayerNorm's row statistics, normalisation and (in the backward) the scale and
 bias gradients as separate fusions with scalar minor-axis reductions. The kernel does 64 rows
 per task on XLA's thread pool in 16-float vectors and saves only each row's mean and 1/std
-for the backward (benchmarks/RESULTS.md round 8). Same math as `models.common.layer_norm_fn`
-(two-pass variance, float32).
+for the backward (benchmarks/RESULTS.md round 8). Same math as `platform.xla.layer_norm`
+(two-pass variance, float32), up to float rounding.
 
-Built and cached like the attention kernel (`cpu_build`). Without a compiler, or with
-`BVL_CPU_LAYER_NORM=0`, LayerNorm stays on the XLA path.
+Built and cached like the attention kernel (`build`). Without a compiler the dispatcher keeps
+the XLA path.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.kernels import cpu_build
+from big_vision_lite.platform import xla
+from big_vision_lite.platform.cpu import build as cpu_build
 
 Array = jax.Array
 
-SOURCE = os.path.join(os.path.dirname(__file__), "cpu_layer_norm.cc")  # the kernel, built on first use
+SOURCE = os.path.join(os.path.dirname(__file__), "layer_norm.cc")  # the kernel, built on first use
 _FWD, _BWD = "bvl_cpu_layer_norm_fwd", "bvl_cpu_layer_norm_bwd"
 WIDTH_MULTIPLE = 16  # the kernel works in 16-float vectors along the normalised axis
 # The kernel takes one (D,) scale and bias. Under vmap they may be batched too, which the
@@ -37,7 +37,7 @@ _VMAP = "sequential"
 def _load() -> str | None:
   """Builds, loads and registers the kernel once per process; None (with a warning) if not."""
   return cpu_build.load(SOURCE, {_FWD: "BvlLayerNormFwd", _BWD: "BvlLayerNormBwd"},
-                        "BVL_CPU_LAYER_NORM", "LayerNorm")
+                        "LayerNorm")
 
 
 def unavailable_reason() -> str | None:
@@ -84,13 +84,15 @@ def _layer_norm_bwd(eps, res, dy):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def layer_norm(x: Array, scale: Array, bias: Array, eps: float,
-               xla_fallback: Callable[[Array, Array, Array], Array]) -> Array:
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
   """(x - mean) / sqrt(var + eps) * scale + bias over x's last axis, float32.
 
-  The kernel is a CPU custom call, chosen per platform at lowering time: `xla_fallback(x,
-  scale, bias)` (same math) is what a TPU or GPU lowering of the same code gets. Check
-  `supports(...)` first.
+  The kernel is a CPU custom call, chosen per platform at lowering time: a TPU or GPU
+  lowering of the same code gets `platform.xla.layer_norm` (same math). Check `supports`
+  first.
   """
+  if (why := _load()) is not None:
+    raise RuntimeError(f"the CPU kernel is {why}")
   return jax.lax.platform_dependent(
-      x, scale, bias, cpu=lambda x, s, b: _layer_norm(x, s, b, eps), default=xla_fallback)
+      x, scale, bias, cpu=lambda x, s, b: _layer_norm(x, s, b, eps),
+      default=lambda x, s, b: xla.layer_norm(x, s, b, eps))

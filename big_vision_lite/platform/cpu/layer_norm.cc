@@ -16,7 +16,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu_kernel_common.h"
+#include "kernel_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

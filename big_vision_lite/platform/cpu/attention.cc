@@ -19,7 +19,7 @@
 #include <thread>
 #include <vector>
 
-#include "cpu_kernel_common.h"
+#include "kernel_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

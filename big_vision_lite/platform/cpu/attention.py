@@ -5,8 +5,9 @@ plus passes over the (B, H, L, L) logits and head-major transposes. The kernel d
 (batch, head) block in cache on XLA's thread pool: at ViT-S/16 sizes the attention core's
 forward + backward is ~2.4x faster, the whole train step ~9% (benchmarks/RESULTS.md round 6).
 
-The library is compiled on first use and cached (`cpu_build`). Without a compiler, or with
-`BVL_CPU_ATTENTION=0`, attention stays on the XLA path: same math, nothing else changes.
+The library is compiled on first use and cached (`build`). Without a compiler the
+dispatcher (big_vision_lite/platform) keeps the XLA path. The kernel and XLA's path differ by
+float rounding only (the kernel's exp is ~2 ulp, its sums run in another order).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import os
 import jax
 import jax.numpy as jnp
 
-from big_vision_lite.kernels import cpu_build
+from big_vision_lite.platform import xla
+from big_vision_lite.platform.cpu import build as cpu_build
 
 Array = jax.Array
 
-SOURCE = os.path.join(os.path.dirname(__file__), "cpu_attention.cc")  # the kernel, built on first use
+SOURCE = os.path.join(os.path.dirname(__file__), "attention.cc")  # the kernel, built on first use
 _FWD, _BWD = "bvl_cpu_attention_fwd", "bvl_cpu_attention_bwd"
 # The kernel works in 16-float vectors along the head dimension.
 HEAD_DIM_MULTIPLE = 16
@@ -35,8 +37,7 @@ def build(force: bool = False) -> str:
 @functools.cache
 def _load() -> str | None:
   """Builds, loads and registers the kernel once per process; None (with a warning) if not."""
-  return cpu_build.load(SOURCE, {_FWD: "BvlAttentionFwd", _BWD: "BvlAttentionBwd"},
-                        "BVL_CPU_ATTENTION", "attention")
+  return cpu_build.load(SOURCE, {_FWD: "BvlAttentionFwd", _BWD: "BvlAttentionBwd"}, "attention")
 
 
 def unavailable_reason() -> str | None:
@@ -44,10 +45,10 @@ def unavailable_reason() -> str | None:
   return _load()
 
 
-def supports(q: Array, k: Array, v: Array, mask: Array | None) -> bool:
-  """Whether `attention` applies: float32 token-major operands of one shape, no mask, a
-  CPU process with one device (the custom call has no sharding rule), and a kernel that
-  built. A GPU or TPU process never builds it."""
+def supports(q: Array, k: Array, v: Array, mask: Array | None = None) -> bool:
+  """Whether `attention` applies: float32 BTNH operands of one shape (self-attention), no
+  mask, a head dim that is a multiple of 16, a CPU process with one device (the custom call
+  has no sharding rule), and a kernel that built. A GPU or TPU process never builds it."""
   return (mask is None and q.dtype == k.dtype == v.dtype == jnp.float32
           and q.shape == k.shape == v.shape and q.ndim >= 3
           and q.shape[-1] % HEAD_DIM_MULTIPLE == 0 and jax.default_backend() == "cpu"
@@ -82,12 +83,18 @@ def _attention_bwd(res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q: Array, k: Array, v: Array, xla_fallback) -> Array:
-  """softmax(q k^T) v over token-major (..., L, H, D) float32 operands, q pre-scaled.
+def attention(q: Array, k: Array, v: Array, *, mask: Array | None = None,
+              scale: float) -> Array:
+  """softmax(scale q k^T) v over BTNH (..., L, H, D) float32 operands; `supports` must hold.
 
-  The kernel is a CPU custom call, so it is chosen per platform at lowering time:
-  `xla_fallback(q, k, v)` (same math) is what a TPU or GPU lowering of the same code gets,
-  e.g. when `big_vision_lite.plan` compiles for a TPU topology on a CPU host.
-  Check `supports(...)` first.
+  The kernel is a CPU custom call, so it is chosen per platform at lowering time: a TPU or
+  GPU lowering of the same code (e.g. `big_vision_lite.plan` compiling for a TPU topology
+  on a CPU host) gets `platform.xla.attention`, the same math.
   """
-  return jax.lax.platform_dependent(q, k, v, cpu=_attention, default=xla_fallback)
+  if (why := _load()) is not None:
+    raise RuntimeError(f"the CPU kernel is {why}")
+  del mask  # supports() requires None
+  q = q * jnp.asarray(scale, q.dtype)
+  return jax.lax.platform_dependent(
+      q, k, v, cpu=_attention,
+      default=lambda q, k, v: xla.attention(q, k, v, mask=None, scale=1.0))

@@ -4,7 +4,7 @@ Each library is compiled on first use with the system C++ compiler (`$CXX`, else
 c++/g++/clang++) for the host CPU (-march=native) and cached under `$BVL_CACHE_DIR` (default
 ~/.cache/big_vision_lite), keyed by the source and the headers beside it, compiler, flags,
 jaxlib and CPU model. A kernel that cannot be built is reported, once, and its callers keep
-XLA's path. `build(..., language="c")` compiles the C libraries of big_vision_lite/native
+XLA's path. `build(..., language="c")` compiles the C library here
 (block_cache.c) the same way, with the C compiler and no JAX headers.
 """
 
@@ -21,9 +21,9 @@ import subprocess
 import tempfile
 from typing import Mapping
 
-import jaxlib  # only its version: `import jax` costs ~0.5 s, which block_cache's restart avoids
+import jaxlib  # only its version: `import jax` costs ~0.5 s, which launch/cpu.sh's library lookup avoids
 
-from big_vision_lite import host_cpu, host_memory
+from big_vision_lite.platform.cpu import host as host_cpu
 
 
 _COMPILERS = {"c++": ("CXX", "c++", "g++", "clang++"), "c": ("CC", "cc", "gcc", "clang")}
@@ -37,10 +37,14 @@ def compiler(language: str = "c++") -> str | None:
   return None
 
 
-def cache_dir() -> str:
-  base = os.environ.get("BVL_CACHE_DIR") or os.path.join(
+def cache_root() -> str:
+  """$BVL_CACHE_DIR, else ~/.cache/big_vision_lite: built libraries and autotune results."""
+  return os.environ.get("BVL_CACHE_DIR") or os.path.join(
       os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "big_vision_lite")
-  return os.path.join(base, "kernels")
+
+
+def cache_dir() -> str:
+  return os.path.join(cache_root(), "kernels")
 
 
 def _flags(language: str = "c++") -> list[str]:
@@ -102,13 +106,11 @@ def build(source_path: str, force: bool = False, language: str = "c++") -> str:
   return path
 
 
-def load(source_path: str, targets: Mapping[str, str], env_var: str, what: str) -> str | None:
+def load(source_path: str, targets: Mapping[str, str], what: str) -> str | None:
   """Builds `source_path`, loads it and registers `targets` ({FFI target: symbol}) for CPU.
 
   Returns None on success, else why not (with a warning naming `what` falls back to XLA).
   """
-  if host_memory.opted_out(os.environ, env_var):
-    return f"disabled by {env_var}"
   import jax  # noqa: PLC0415 (see the import of jaxlib)
   try:
     lib = ctypes.cdll.LoadLibrary(build(source_path))

@@ -1,0 +1,1 @@
+"""GPU implementations (cuDNN attention) and settings."""

@@ -1,0 +1,1 @@
+"""TPU implementations (Pallas splash attention)."""
