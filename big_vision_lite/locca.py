@@ -1,4 +1,4 @@
-"""LocCa decoder targets: the token layout (text, task and coordinate tokens), box quantisation, IoU.
+"""LocCa decoder targets: the token layout (text, task, coordinate tokens), quantisation, IoU.
 
 LocCa (Wan et al. 2024) and SigLIP 2 train one decoder on three tasks, told apart by a task
 token at the start of the sequence:
@@ -101,7 +101,8 @@ def sequence(prompt: list[int], target: list[int], length: int, eos_id: int,
   starts at the same position; a target that does not fit is an error, not cut."""
   body = list(prompt) + list(target) + [eos_id]
   if len(body) > length:
-    raise ValueError(f"locca: prompt {len(prompt)} + target {len(target)} + eos exceed {length} tokens")
+    raise ValueError(f"locca: prompt {len(prompt)} + target {len(target)} + eos exceed "
+                     f"{length} tokens")
   tokens = np.full((length,), pad_id, np.int32)
   tokens[:len(body)] = body
   weights = np.zeros((length,), np.float32)

@@ -19,7 +19,6 @@ TEXT_LEN = 20  # longest caption: 3 objects x 4 words, 2 x "and", "on a dark blu
 CAP_LEN = 22   # decoder caption: task token + caption + eos
 REGION_LEN = 3  # "the red circle"
 TEMPLATES = ["a {}", "a small {}", "a medium {}", "a large {}"]
-RESULTS_NOTE = "filled in below the docstring once measured"
 
 
 def get_config(arg=None):
@@ -30,7 +29,7 @@ def get_config(arg=None):
   c.total_steps = args.steps
 
   img_pp = f"decode|resize({args.res})|value_range(-1, 1)"  # no flip_lr: boxes and positions
-  tok = lambda key, n=TEXT_LEN: f"tokenize({n}, model='bvl_shapes', key='{key}', key_result='labels')"
+  tok = lambda key: f"tokenize({TEXT_LEN}, model='bvl_shapes', key='{key}', key_result='labels')"
   targets = f"shapes_multi_regions|locca_targets({args.bins}, {CAP_LEN}, {REGION_LEN})"
   dec_keys = ", ".join(f"'{t}_{k}'" for t in ("cap", "aref", "gcap") for k in ("tokens", "weights"))
   c.input = ConfigDict()
@@ -69,9 +68,10 @@ def get_config(arg=None):
   loc_pp = f"{img_pp}|{targets}|keep('image', 'aref_tokens', 'aref_box', 'gcap_tokens')"
   c.evals = dict(
       zeroshot=dict(type="zero_shot", data=val, pp=label_pp,
-                    pp_txt=f"tokenize({TEXT_LEN}, model='bvl_shapes', key='texts', key_result='labels')",
+                    pp_txt=tok("texts"),
                     templates=TEMPLATES, log_steps=300, batch_size=256),
-      retrieval=dict(type="retrieval", data=val, pp=f"{img_pp}|{tok('caption')}|keep('image', 'labels')",
+      retrieval=dict(type="retrieval", data=val,
+                     pp=f"{img_pp}|{tok('caption')}|keep('image', 'labels')",
                      log_steps=300, batch_size=256),
       retrieval_multi=dict(type="retrieval", data=multi_val,
                            pp=f"{img_pp}|{tok('caption')}|keep('image', 'labels')",

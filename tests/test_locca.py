@@ -17,12 +17,14 @@ def test_quantize_round_trip_is_within_half_a_bin():
   assert np.max(np.abs(back - c)) <= 0.5 / bins + 1e-12
   k = np.arange(bins)
   assert np.array_equal(locca.quantize(locca.dequantize(k, bins), bins), k)  # centres map back
-  assert locca.quantize(np.array([0.0, 1.0, -0.2, 1.3]), bins).tolist() == [0, bins - 1, 0, bins - 1]
+  edges = locca.quantize(np.array([0.0, 1.0, -0.2, 1.3]), bins)
+  assert edges.tolist() == [0, bins - 1, 0, bins - 1]
 
 
 def test_box_tokens_round_trip_and_validity():
   vocab = locca.Vocab(text_size=46, bins=16)
-  assert (vocab.task_id("cap"), vocab.task_id("gcap"), vocab.coord_offset, vocab.size) == (46, 48, 49, 65)
+  layout = (vocab.task_id("cap"), vocab.task_id("gcap"), vocab.coord_offset, vocab.size)
+  assert layout == (46, 48, 49, 65)
   box = np.array([[0.1, 0.2, 0.55, 0.9], [0.0, 0.0, 1.0, 1.0]])
   tokens = locca.box_to_tokens(box, vocab)
   assert tokens.min() >= vocab.coord_offset and tokens.max() < vocab.size
@@ -45,7 +47,8 @@ def _iou_loop(a, b):
 def test_box_iou_matches_numpy_loop_and_jax():
   rng = np.random.default_rng(1)
   corners = rng.uniform(0, 1, size=(2, 500, 2, 2))
-  a, b = (np.concatenate([c.min(1), c.max(1)], axis=-1) for c in corners)  # (ymin, xmin, ymax, xmax)
+  # (ymin, xmin, ymax, xmax) from two random corners.
+  a, b = (np.concatenate([c.min(1), c.max(1)], axis=-1) for c in corners)
   b[:10] = a[:10]  # identical boxes: IoU 1
   b[10:20] = a[10:20] + np.array([2.0, 2.0, 2.0, 2.0])  # disjoint: IoU 0
   ref = _iou_loop(a, b)
@@ -55,7 +58,8 @@ def test_box_iou_matches_numpy_loop_and_jax():
   jnp = pytest.importorskip("jax.numpy")
   got32 = np.asarray(locca.box_iou(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
   # fp32: a few roundings of values <= 1 and one division.
-  np.testing.assert_allclose(got32, ref, rtol=16 * np.finfo(np.float32).eps, atol=8 * np.finfo(np.float32).eps)
+  eps = np.finfo(np.float32).eps
+  np.testing.assert_allclose(got32, ref, rtol=16 * eps, atol=8 * eps)
 
 
 def _targets(example, bins=32, rng=None):

@@ -13,7 +13,8 @@ from big_vision_lite.data.tokenizers import get_tokenizer
 
 def _objects(example: Example, name: str) -> list[dict]:
   n = int(np.asarray(get_key(example, "num_objects", name)))
-  fields = {k: np.asarray(get_key(example, k, name)) for k in ("labels", "colors", "sizes", "boxes")}
+  fields = {k: np.asarray(get_key(example, k, name))
+            for k in ("labels", "colors", "sizes", "boxes")}
   return [{k: v[i] for k, v in fields.items()} for i in range(n)]
 
 
@@ -24,8 +25,9 @@ def get_shapes_multi_regions() -> Op:
   def op(example: Example, rng=None) -> Example:
     objs = _objects(example, "shapes_multi_regions")
     out = dict(example)
-    out["region_texts"] = [shapes_multi.expression_for(shapes.CLASS_NAMES[o["labels"]],
-                                                       shapes.COLOR_NAMES[o["colors"]]) for o in objs]
+    out["region_texts"] = [
+        shapes_multi.expression_for(shapes.CLASS_NAMES[o["labels"]], shapes.COLOR_NAMES[o["colors"]])
+        for o in objs]
     out["region_boxes"] = np.stack([o["boxes"] for o in objs]).astype(np.float32)
     return out
   return op

@@ -45,7 +45,8 @@ def caption_for(objects: list[tuple[str, str, str]], background: str) -> str:
 
 
 def _backgrounds_for_all(colors: tuple[str, ...]) -> tuple[str, ...]:
-  return tuple(b for b in shapes.BACKGROUND_NAMES if all(b in shapes._BG_CHOICES[c] for c in colors))
+  return tuple(b for b in shapes.BACKGROUND_NAMES
+               if all(b in shapes._BG_CHOICES[c] for c in colors))
 
 
 def generate_example(split: str, index: int, *, seed: int = shapes.SEED,
@@ -91,7 +92,8 @@ def generate_example(split: str, index: int, *, seed: int = shapes.SEED,
     ys, xs = np.nonzero(np.asarray(mask))
     boxes[k] = (ys.min() / image_size, xs.min() / image_size,
                 (ys.max() + 1) / image_size, (xs.max() + 1) / image_size)
-    shapes._draw_shape(draw, o["shape"], o["cx"], o["cy"], o["r"], o["rot"], shapes.COLORS[o["color"]])
+    shapes._draw_shape(draw, o["shape"], o["cx"], o["cy"], o["r"], o["rot"],
+                       shapes.COLORS[o["color"]])
   noise = rng.integers(-shapes._NOISE, shapes._NOISE + 1, size=(image_size, image_size, 1),
                        dtype=np.int16)
   arr = np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8)
@@ -128,7 +130,8 @@ class BvlShapesMulti(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       BvlShapesMultiConfig(name="default", description="20k train / 2k validation, 64x64."),
       BvlShapesMultiConfig(name="tiny", description="Few examples, for tests.",
-                           num_train=shapes.NUM_TRAIN_TINY, num_validation=shapes.NUM_VALIDATION_TINY),
+                           num_train=shapes.NUM_TRAIN_TINY,
+                           num_validation=shapes.NUM_VALIDATION_TINY),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = "default"
   url_infos = None  # nothing is downloaded (see shapes.BvlShapes)
@@ -171,5 +174,5 @@ class BvlShapesMulti(tfds.core.GeneratorBasedBuilder):
 
 
 def ensure_built(data_dir: str | None = None, config: str = "default") -> str:
-  """Builds `bvl_shapes_multi/<config>` into `data_dir` unless already there (see shapes.ensure_built)."""
+  """Builds `bvl_shapes_multi/<config>` into `data_dir` unless there (shapes.ensure_built)."""
   return shapes.ensure_built(data_dir, config, builder_cls=BvlShapesMulti)

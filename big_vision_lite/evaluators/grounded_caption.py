@@ -29,7 +29,8 @@ class GroundedCaptionEvaluator(Evaluator):
     if "gcap_tokens" not in fns:
       raise ConfigError(f"config.evals.{name}.type: grounded_caption needs task 'siglip2'")
     self.num_examples = int(config.get("num_examples", 0))
-    self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
+    self.data = pipeline.make_eval_iterator(config.data, config.pp,
+                                            global_batch_size=self.batch_size,
                                             config_key=f"config.evals.{name}")
     self._step = self.jit(fns["gcap_tokens"])
 
@@ -38,7 +39,8 @@ class GroundedCaptionEvaluator(Evaluator):
     hits = []
     for local in self.data:
       mask = np.asarray(local["_mask"], bool)
-      out = np.asarray(jax.device_get(self._step(params, sharding.global_batch(local, self.mesh))))[mask]
+      out = self._step(params, sharding.global_batch(local, self.mesh))
+      out = np.asarray(jax.device_get(out))[mask]
       refs = np.asarray(local["gcap_tokens"])[mask][:, start:]
       hits += [tok.decode(o) == tok.decode(r) for o, r in zip(out, refs)]
       if self.num_examples and len(hits) >= self.num_examples:

@@ -31,7 +31,8 @@ class RefExpBoxEvaluator(Evaluator):
       raise ConfigError(f"config.evals.{name}.type: refexp_box needs task 'siglip2'")
     self.iou = float(config.get("iou", 0.5))
     self.num_examples = int(config.get("num_examples", 0))
-    self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
+    self.data = pipeline.make_eval_iterator(config.data, config.pp,
+                                            global_batch_size=self.batch_size,
                                             config_key=f"config.evals.{name}")
     self._step = self.jit(fns["aref_box"])
 

@@ -43,7 +43,8 @@ class TwoTowersDecoder(TwoTowers):
                decoder_tokens: dict[str, jax.Array] | None = None, *, train: bool = False,
                memory: jax.Array | None = None, cache: dict | None = None):
     """With `cache` (cached decoding): `decoder_tokens` are raw decoder inputs (B, l) written at
-    the cache's index, `memory` the image tokens at prefill (None after); returns (logits, cache)."""
+    the cache's index, `memory` the image tokens at prefill (None after); returns
+    (logits, cache)."""
     dec = dec_lib.Decoder(cross=True, mask_token=False, name="decoder", **self._dec_kw())
     if cache is not None:
       return dec(decoder_tokens, memory, cache=cache)

@@ -23,7 +23,8 @@ from big_vision_lite.tasks import TASKS, Batch
 from big_vision_lite.tasks.contrastive import Contrastive
 
 
-def weighted_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+def weighted_nll(logits: jax.Array, targets: jax.Array,
+                 weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum over the batch of weighted token NLL, sum of weights); logits (B, L, V)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -58,7 +59,8 @@ class SigLIP2(Contrastive):
     self.vocab = locca.Vocab(self.tokenizer.vocab_size, int(config.coord_bins))
     self.region_len = int(config.region_len)
     if model.vocab_size != self.vocab.size:
-      raise ConfigError(f"config.model.vocab_size: {model.vocab_size}, but the decoder's vocabulary "
+      raise ConfigError(f"config.model.vocab_size: {model.vocab_size}, but the decoder's "
+                        f"vocabulary "
                         f"(text {self.vocab.text_size} + {len(locca.TASKS)} task + "
                         f"{self.vocab.bins} coordinate tokens) has {self.vocab.size}")
     self.required_keys = self.required_keys + tuple(
@@ -77,7 +79,8 @@ class SigLIP2(Contrastive):
       contrastive = contrastive_loss.softmax_loss(zimg, ztxt, out["t/parameter"])
     else:
       if "b" not in out:
-        raise ConfigError("config.model.bias_init: the sigmoid loss needs a bias; set it (e.g. -10)")
+        raise ConfigError("config.model.bias_init: the sigmoid loss needs a bias; "
+                          "set it (e.g. -10)")
       fn = contrastive_loss.chunked_sigmoid_loss if self.chunked else contrastive_loss.sigmoid_loss
       contrastive = fn(zimg, ztxt, out["t/parameter"], out["b"])
       metrics["b"] = out["b"]
@@ -98,7 +101,8 @@ class SigLIP2(Contrastive):
   def complete(self, params, images: jax.Array, prompt: jax.Array, length: int) -> jax.Array:
     """Greedy continuation (B, length) of the decoder prompt (B, P) on each image (KV cache)."""
     memory = self._apply(params, images, method="encode")
-    first, cache = self._apply(params, memory, self.model.init_cache(images.shape[0]), method="prefill")
+    cache = self.model.init_cache(images.shape[0])
+    _, cache = self._apply(params, memory, cache, method="prefill")
     logits, cache = self._apply(params, prompt, cache, method="extend")
     step = lambda c, t: self._apply(params, t, c, method="step")
     return decoding.greedy(logits[:, -1], cache, step, max_len=length, eos_id=self.tokenizer.eos_id,
