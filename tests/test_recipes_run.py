@@ -44,6 +44,7 @@ RUNS = {
     "vit_shapes": (TINY_SHAPES, [], 3),
     "vmoe_shapes": (TINY_SHAPES + ",experts=2", [], 3),
     "siglip_shapes": (TINY_SHAPES, [], 3),
+    "siglip2_shapes": (TINY_SHAPES.replace("depth=1", "depth=1,dec_depth=1"), [], 3),
     "cappa_shapes": (TINY_SHAPES.replace("depth=1", "depth=1,dec_depth=1"), [], 3),
     "openvision2_shapes": (TINY_SHAPES.replace("depth=1", "depth=1,dec_depth=1"), [], 3),
 }

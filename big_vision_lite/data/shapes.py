@@ -242,36 +242,41 @@ def default_data_dir() -> str:
   return os.environ.get("BVL_DATA_DIR") or os.path.expanduser("~/.cache/big_vision_lite/tfds")
 
 
-def ensure_built(data_dir: str | None = None, config: str = "default") -> str:
+def ensure_built(data_dir: str | None = None, config: str = "default",
+                 builder_cls: type[tfds.core.DatasetBuilder] | None = None) -> str:
   """Builds `bvl_shapes/<config>` into `data_dir` unless already there; returns data_dir.
+
+  `builder_cls` builds another built-in dataset the same way (shapes_multi.BvlShapesMulti).
 
   tfds writes into a temporary folder and renames it when complete, so a build
   cut off halfway is never taken as the dataset. A file lock makes concurrent
   callers (several processes or tests) wait for one builder.
   """
+  builder_cls = builder_cls or BvlShapes
+  name = builder_cls.name
   if data_dir and storage.is_remote(data_dir):  # read there, never built there
-    if BvlShapes(config=config, data_dir=data_dir).is_prepared():
+    if builder_cls(config=config, data_dir=data_dir).is_prepared():
       return data_dir
-    raise FileNotFoundError(f"{NAME}/{config} is not prepared in {data_dir}: build it into a local data_dir "
+    raise FileNotFoundError(f"{name}/{config} is not prepared in {data_dir}: build it into a local data_dir "
                             f"and copy that folder there (docs/storage.md)")
   data_dir = os.path.abspath(data_dir or default_data_dir())
-  builder = BvlShapes(config=config, data_dir=data_dir)
+  builder = builder_cls(config=config, data_dir=data_dir)
   if builder.is_prepared():
     return data_dir
   os.makedirs(data_dir, exist_ok=True)
   # One lock for all configs: tfds also writes files shared between them.
-  with open(os.path.join(data_dir, f".{NAME}.lock"), "w") as lock:
+  with open(os.path.join(data_dir, f".{name}.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      builder = BvlShapes(config=config, data_dir=data_dir)
+      builder = builder_cls(config=config, data_dir=data_dir)
       if builder.is_prepared():  # Someone else built it while we waited.
         return data_dir
       _remove_incomplete(builder)
       t0 = time.time()
-      logging.info("Building %s/%s into %s", NAME, config, data_dir)
+      logging.info("Building %s/%s into %s", name, config, data_dir)
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-      logging.info("Built %s/%s in %.1fs", NAME, config, time.time() - t0)
+      logging.info("Built %s/%s in %.1fs", name, config, time.time() - t0)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   return data_dir
@@ -291,5 +296,5 @@ def _remove_incomplete(builder: tfds.core.DatasetBuilder) -> None:
     if "incomplete" in name:
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
   if os.path.isdir(version_dir):
-    logging.warning("Removing %s: it is not a complete %s build", version_dir, NAME)
+    logging.warning("Removing %s: it is not a complete %s build", version_dir, builder.name)
     shutil.rmtree(version_dir)

@@ -18,6 +18,9 @@ SHAPES_VOCAB = os.path.join(ASSETS, "bvl_shapes_vocab.txt")
 # Extra words so common prompt templates ("a photo of a {}") stay in-vocabulary.
 _TEMPLATE_WORDS = ("photo", "of", "picture", "image", "shape", "drawing", "this", "is", "an")
 _WORD = re.compile(r"[a-z0-9]+")
+# Words added after the first vocabulary, appended (not sorted in) so earlier ids never move:
+# "and" joins the objects of bvl_shapes_multi's captions.
+_APPENDED_WORDS = ("and",)
 
 
 def _isfile(path: str) -> bool:
@@ -119,12 +122,13 @@ class StandInTokenizer(Tokenizer):
 
 
 def shapes_vocab_words() -> list[str]:
-  """The bvl_shapes vocabulary: specials, then every word of every caption part, sorted."""
+  """The bvl_shapes vocabulary: specials, every word of every caption part sorted, then the
+  words appended later (`_APPENDED_WORDS`, in order)."""
   from big_vision_lite.data import shapes
   parts = (shapes.CLASS_NAMES + shapes.COLOR_NAMES + shapes.SIZE_NAMES + shapes.BACKGROUND_NAMES
            + shapes.POSITION_NAMES + (shapes.caption_for("", "", "", "", ""),) + _TEMPLATE_WORDS)
-  words = sorted({w for p in parts for w in _WORD.findall(p.lower())})
-  return ["<pad>", "<eos>", "<unk>"] + words
+  words = sorted({w for p in parts for w in _WORD.findall(p.lower())} - set(_APPENDED_WORDS))
+  return ["<pad>", "<eos>", "<unk>"] + words + list(_APPENDED_WORDS)
 
 
 def write_shapes_vocab(path: str = SHAPES_VOCAB) -> None:
