@@ -151,3 +151,14 @@ def test_model_keys_do_not_reach_the_module():
   m = models.get_model("vit", variant="Ti/16", num_classes=3, attention_impl="xla",
                        norm_impl="auto")
   assert not hasattr(m, "attention_impl")
+
+
+def test_auto_takes_xla_without_measuring_in_several_processes(monkeypatch):
+  """Each process would measure its own host; replicas that chose differently would drift."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(autotune, "choose", lambda *a, **k: pytest.fail("measured"))
+  q = jnp.ones((2, 16, 2, 32), jnp.float32)
+  platform.attention(q, q, q)
+  platform.layer_norm(q, jnp.ones((32,)), jnp.zeros((32,)), 1e-6)
+  picked = {k: v["impl"] for k, v in platform.decisions().items()}
+  assert picked and set(picked.values()) == {"xla"}, platform.decisions()

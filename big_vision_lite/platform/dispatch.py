@@ -194,6 +194,10 @@ def _resolve(kind: str, table: dict[str, Impl], requested: str, args: tuple,
     return name, "configured", None
   if _family(_backend()) != "cpu":
     return name, f"auto: {name} supports these operands on {_backend()}", None
+  if jax.process_count() > 1:
+    # Each process would measure on its own host; processes that chose differently would train
+    # replicas that drift apart by rounding. XLA everywhere keeps them one program.
+    return "xla", "auto: several processes choose alike, not measured", None
   tuned = tune(name, fn, table["xla"].load()[0])
   return tuned["impl"], _measured_why(tuned), tuned["times_ms"]
 

@@ -29,6 +29,10 @@ COMMON = [
     "--config.evals.val.data.split=validation[:64]", "--config.evals.val.batch_size=32",
     f"--config.evals.val.log_steps={STEPS}", "--config.log_training_steps=1", "--config.progress=False",
     "--config.schedule.warmup_steps=2", "--config.ckpt_steps=3",
+    # One implementation on both sides: `auto` measures in a single process and takes XLA in
+    # several, and this test compares process layouts, not implementations.
+    "--config.model.attention_impl=xla", "--config.model.norm_impl=xla",
+    "--config.platform.cpu_dots=eigen",
 ]
 # Heartbeat: how fast a dead peer is noticed; shutdown: slack for a slow process 0 under load.
 ENV = dict(os.environ, BVL_HEARTBEAT_TIMEOUT_S="10", BVL_SHUTDOWN_TIMEOUT_S="120")
