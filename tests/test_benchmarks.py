@@ -147,3 +147,16 @@ def test_openvision2_vs_ov1_prints_both_steps_and_ratios():
   assert re.search(r"OpenVision 1 \(2x SigLIP \+ caption\): +\d+\.\d ms/step", out), out
   assert re.search(r"OpenVision 2 \(caption, keep 0\.35\): +\d+\.\d ms/step", out), out
   assert re.search(r"step-time ratio OV1/OV2: \d+\.\d+x", out), out
+
+
+def test_input_pipeline_prints_each_side_per_core_and_the_ratios():
+  out = run("input_pipeline.py", "--toy")
+  cores = sorted({1, min(2, os.cpu_count()), os.cpu_count()})
+  try:
+    import tensorflow  # noqa: F401  (only in the [bench] extra's own venv)
+    tf = r"\d+\.\d +\d+\.\d"
+  except ImportError:
+    tf = "skipped"
+  for n in cores:
+    assert re.search(rf"^train +{n} +\d+\.\d +\d+\.\d +{tf} .*\d+\.\d+x$", out, re.M), out
+    assert re.search(rf"^siglip +{n} +\d+\.\d +\d+\.\d", out, re.M), out

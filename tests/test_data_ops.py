@@ -416,3 +416,63 @@ def test_bad_content_is_a_bad_example_for_the_pipeline_policy():
     ops.get_preprocess_fn("onehot(4)")({"label": np.int64(7)}, None)
   with pytest.raises(BadExample, match="empty caption"):
     ops.get_preprocess_fn("tokenize(8)")({"caption": b"  "}, None)
+
+
+def _photo_jpeg(seed: int, h: int, w: int, mode: str = "RGB") -> bytes:
+  """A photo-like JPEG (smooth multi-scale noise plus grain), quality 90."""
+  rng = np.random.default_rng(seed)
+  img = np.zeros((h, w, 3), np.float32)
+  for octave in range(1, 8):
+    small = rng.standard_normal((2 ** octave + 1, 2 ** octave + 1, 3)).astype(np.float32)
+    img += np.stack([np.asarray(Image.fromarray(small[..., c].copy()).resize((w, h), Image.BICUBIC))
+                     for c in range(3)], -1) * 0.75 ** octave
+  img = (img - img.mean()) / img.std() * 45 + 120 + rng.standard_normal((h, w, 1)) * 5
+  buf = io.BytesIO()
+  Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert(mode).save(buf, "JPEG", quality=90)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,size", [("RGB", (375, 500)), ("L", (300, 200)), ("RGB", (40, 30))])
+def test_decode_then_inception_crop_is_fused_and_bitwise_equal(mode, size):
+  data = _photo_jpeg(1, *size, mode)
+  spec = "decode|inception_crop(224, area_min=8)|flip_lr"
+  fused = ops.get_preprocess_fn(spec)
+  assert [piece for piece, _ in fused._ops] == ["decode|inception_crop(224, area_min=8)", "flip_lr"]
+  pair = [ops.build_op(p) for p in ops.split_spec(spec)]
+  for seed in range(8):
+    want = {"image": data}
+    rng = np.random.default_rng(seed)
+    for op in pair:
+      want = op(want, rng)
+    got = fused({"image": data}, np.random.default_rng(seed))["image"]
+    assert got.dtype == np.uint8 and got.shape == (224, 224, 3)
+    np.testing.assert_array_equal(got, want["image"])
+
+
+def test_value_range_table_is_bitwise_the_arithmetic():
+  image = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  for args in [(-1, 1), (0, 1), (-2, 3, 10, 200, True)]:
+    got = ops.get_preprocess_fn(f"value_range{args}")({"image": image})["image"]
+    vmin, vmax, in_min, in_max, clip = (*args, 0, 255.0, False)[:5] if len(args) == 2 else args
+    want = (image.astype(np.float32) - np.float32(in_min)) / np.float32(in_max - in_min)
+    want = np.float32(vmin) + want * np.float32(vmax - vmin)
+    if clip:
+      want = np.clip(want, min(vmin, vmax), max(vmin, vmax))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_draft_decode_stays_close_to_the_full_decode():
+  """DCT-scaled decoding (draft=True) changes pixels; bounded by PSNR against the full decode."""
+  data = _photo_jpeg(2, 1200, 1600)
+  full = ops.get_preprocess_fn("decode_jpeg_and_inception_crop(224, area_min=60)")
+  draft = ops.get_preprocess_fn("decode_jpeg_and_inception_crop(224, area_min=60, draft=True)")
+  psnrs = []
+  for seed in range(6):
+    a = full({"image": data}, np.random.default_rng(seed))["image"].astype(np.float64)
+    b = draft({"image": data}, np.random.default_rng(seed))["image"].astype(np.float64)
+    assert a.shape == b.shape == (224, 224, 3)
+    psnrs.append(10 * np.log10(255 ** 2 / max(np.mean((a - b) ** 2), 1e-12)))
+  # A crop of >= 60% of 1600x1200 is >= 2x the output, so every seed decodes at 1/2 or 1/4 and
+  # differs; by less than JPEG at quality 90 differs from its source (about 40 dB).
+  assert max(psnrs) < 100 and min(psnrs) > 40, psnrs

@@ -89,6 +89,7 @@ class PreprocessFn:
       if not piece:
         raise ValueError(f"malformed preprocessing spec {spec!r}: empty op between '|'")
     self._ops = [(piece, build_op(piece)) for piece in pieces]
+    self._ops = _fuse(pieces, self._ops)
 
   def __call__(self, example: Example, rng: np.random.Generator | None = None) -> Example:
     example = dict(example)
@@ -108,6 +109,37 @@ class PreprocessFn:
 
   def __repr__(self) -> str:
     return f"PreprocessFn({self.spec!r})"
+
+
+def _bound(piece: str) -> tuple[str, dict[str, Any]]:
+  """An op's name and all its arguments, defaults included."""
+  name, args, kwargs = parse_op(piece)
+  bound = inspect.signature(OPS.get(name)).bind(*args, **kwargs)
+  bound.apply_defaults()
+  return name, dict(bound.arguments)
+
+
+def _fuse(pieces: list[str], built: list[tuple[str, Op]]) -> list[tuple[str, Op]]:
+  """Runs `decode|inception_crop(...)` on one key as decode_jpeg_and_inception_crop.
+
+  The fused op is bitwise equal to the pair (tests/test_data_ops.py checks it) and skips
+  two full-size image copies, so every spec written the big_vision_lite way gets it.
+  """
+  out, i = [], 0
+  while i < len(built):
+    if i + 1 < len(built):
+      (first, a), (second, b) = _bound(pieces[i]), _bound(pieces[i + 1])
+      if (first, second) == ("decode", "inception_crop") and a["channels"] == 3 \
+          and a["key"] == b["key"]:
+        fused = OPS.get("decode_jpeg_and_inception_crop")(
+            b["size"], b["area_min"], b["area_max"], b["resize_method"], key=a["key"],
+            max_pixels=a["max_pixels"])
+        out.append((f"{pieces[i]}|{pieces[i + 1]}", fused))
+        i += 2
+        continue
+    out.append(built[i])
+    i += 1
+  return out
 
 
 def get_preprocess_fn(spec: str) -> PreprocessFn:

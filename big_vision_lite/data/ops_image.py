@@ -65,8 +65,28 @@ def resize_array(image: np.ndarray, hw: tuple[int, int], method: Image.Resamplin
 MAX_PIXELS = 89_478_485
 
 
-class _OverBudget(Exception):
-  """An image header claims more pixels than the decode op's budget."""
+def _open_within_budget(value: Any, key: str, max_pixels: int) -> Image.Image:
+  """The lazily opened image (header read, no pixel decoded); over the budget is a bad example."""
+  try:
+    img = Image.open(io.BytesIO(bytes(value)))
+  except Exception as e:
+    why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # no addresses in messages
+    raise BadExample(f"cannot decode image in key {key!r} ({len(value)} bytes): {why}") from None
+  if img.width * img.height > max_pixels:
+    raise BadExample(f"decode: image in key {key!r} ({len(value)} bytes): {img.width}x{img.height} = "
+                     f"{img.width * img.height} pixels is over the pixel budget of {max_pixels} "
+                     f"(decode(max_pixels=...))")
+  return img
+
+
+def _load_rgb(img: Image.Image, value: Any, key: str, channels: int = 3) -> Image.Image:
+  """Decodes an opened image to RGB (or L): grayscale, palette, alpha, CMYK, 16-bit all convert."""
+  try:
+    with img:
+      return img.convert("RGB" if channels == 3 else "L")  # alpha is dropped
+  except Exception as e:
+    why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+    raise BadExample(f"cannot decode image in key {key!r} ({len(value)} bytes): {why}") from None
 
 
 def decode_image(value: Any, channels: int = 3, key: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -78,18 +98,7 @@ def decode_image(value: Any, channels: int = 3, key: str = "image", max_pixels: 
   if isinstance(value, np.ndarray) and value.dtype.kind in "SO" and value.size == 1:
     value = value.reshape(()).item()  # Bytes wrapped in a 0-d / 1-element array by some sources.
   if isinstance(value, (bytes, bytearray, memoryview)):
-    try:
-      with Image.open(io.BytesIO(bytes(value))) as img:
-        if img.width * img.height > max_pixels:
-          raise _OverBudget(f"{img.width}x{img.height} = {img.width * img.height} pixels is over the "
-                            f"pixel budget of {max_pixels} (decode(max_pixels=...))")
-        # Grayscale, palette, alpha (LA/RGBA/PA), CMYK, 16-bit: all become RGB (or L); alpha is dropped.
-        img = img.convert("RGB" if channels == 3 else "L")
-    except _OverBudget as e:
-      raise BadExample(f"decode: image in key {key!r} ({len(value)} bytes): {e}") from None
-    except Exception as e:
-      why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # no addresses in messages
-      raise BadExample(f"cannot decode image in key {key!r} ({len(value)} bytes): {why}") from None
+    img = _load_rgb(_open_within_budget(value, key, max_pixels), value, key, channels)
     image = np.asarray(img)
   else:
     image = np.asarray(value)
@@ -229,6 +238,78 @@ def get_inception_crop(size: int | Sequence[int] | None = None, area_min: float 
   return image_op("inception_crop", key, fn)
 
 
+# DCT scalings libjpeg can decode at (Pillow's Image.draft): 1/1, 1/2, 1/4, 1/8.
+_DRAFT_SCALES = (8, 4, 2)
+
+
+def _draft_scale(crop_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+  """The largest DCT downscale that keeps the crop at least as large as the output."""
+  for scale in _DRAFT_SCALES:
+    if crop_hw[0] >= scale * out_hw[0] and crop_hw[1] >= scale * out_hw[1]:
+      return scale
+  return 1
+
+
+def decode_and_inception_crop(value: Any, rng: np.random.Generator, hw: tuple[int, int] | None,
+                              area_min: float, area_max: float, method: Image.Resampling,
+                              key: str = "image", max_pixels: int = MAX_PIXELS,
+                              draft: bool = False) -> np.ndarray:
+  """`decode|inception_crop(...)` in one pass of Pillow, bitwise equal to the two ops.
+
+  The crop box is drawn from the JPEG header's size before any pixel is decoded, then the
+  image is decoded, cropped and resized inside Pillow: no full-size numpy copies. With
+  `draft`, a JPEG whose crop is at least 2x (4x, 8x) the output on both sides is decoded
+  at 1/2 (1/4, 1/8) scale by libjpeg's DCT scaling, then resized from the scaled box:
+  less to decode and resize, pixel values close to (not equal to) the full decode.
+  """
+  if not isinstance(value, (bytes, bytearray, memoryview)):  # arrays: the ops one by one
+    image = decode_image(value, 3, key, max_pixels)
+    top, left, ch, cw = inception_crop_box(image.shape[0], image.shape[1], rng, area_min, area_max)
+    crop = image[top:top + ch, left:left + cw]
+    return resize_array(crop, hw, method) if hw else crop.copy()
+  img = _open_within_budget(value, key, max_pixels)
+  width, height = img.size
+  top, left, ch, cw = inception_crop_box(height, width, rng, area_min, area_max)
+  scale = _draft_scale((ch, cw), hw) if draft and hw and img.format == "JPEG" else 1
+  if scale > 1:
+    img.draft("RGB", (-(-width // scale), -(-height // scale)))
+  rgb = _load_rgb(img, value, key)
+  if rgb.size != (width, height):  # decoded at a DCT scale: the same box in its coordinates
+    sx, sy = rgb.size[0] / width, rgb.size[1] / height
+    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    return np.asarray(rgb.resize((hw[1], hw[0]), method, box=box))
+  crop = rgb.crop((left, top, left + cw, top + ch))
+  if hw:
+    crop = crop.resize((hw[1], hw[0]), method)
+  return np.asarray(crop)
+
+
+@OPS.register("decode_jpeg_and_inception_crop")
+def get_decode_jpeg_and_inception_crop(size: int | Sequence[int] | None = None, area_min: float = 5,
+                                       area_max: float = 100, resize_method: str = "bilinear",
+                                       key: str = "image", max_pixels: int = MAX_PIXELS,
+                                       draft: bool = False) -> Op:
+  """`decode|inception_crop(size, area_min, area_max, resize_method)` fused, as in big_vision;
+  bitwise equal to the two ops. `draft=True` decodes a JPEG at a reduced DCT scale when
+  the crop stays at least as large as `size` (faster; pixel values change slightly)."""
+  hw = None if size is None else _hw(size, "decode_jpeg_and_inception_crop")
+  resample = _method(resize_method, "decode_jpeg_and_inception_crop")
+  if not 0 < area_min <= area_max <= 100:
+    raise ValueError(f"preprocessing op 'decode_jpeg_and_inception_crop': need 0 < area_min <= "
+                     f"area_max <= 100, got {area_min}, {area_max}")
+  if draft and hw is None:
+    raise ValueError("preprocessing op 'decode_jpeg_and_inception_crop': draft=True needs a size")
+
+  def op(example, rng=None):
+    rng = need_rng(rng, "decode_jpeg_and_inception_crop")
+    out = dict(example)
+    out[key] = decode_and_inception_crop(get_key(example, key, "decode_jpeg_and_inception_crop"),
+                                         rng, hw, area_min, area_max, resample, key, max_pixels,
+                                         draft)
+    return out
+  return op
+
+
 @OPS.register("flip_lr")
 def get_flip_lr(p: float = 0.5, key: str = "image") -> Op:
   """Mirrors left-right with probability `p` (always draws one number so the rng stream is fixed)."""
@@ -247,10 +328,16 @@ def get_value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max
   if in_max == in_min:
     raise ValueError(f"preprocessing op 'value_range': in_min and in_max are both {in_min}")
 
-  def fn(image, rng):
+  def scale(image):
     out = (image.astype(np.float32) - np.float32(in_min)) / np.float32(in_max - in_min)
     out = np.float32(vmin) + out * np.float32(vmax - vmin)
     if clip_values:
       out = np.clip(out, min(vmin, vmax), max(vmin, vmax))
     return out.astype(np.float32, copy=False)
+  # A uint8 image takes its values from a 256-entry table of the same float32 arithmetic:
+  # bitwise the same result, one gather instead of four passes with float temporaries.
+  table = scale(np.arange(256, dtype=np.uint8))
+
+  def fn(image, rng):
+    return table[image] if image.dtype == np.uint8 else scale(image)
   return image_op("value_range", key, fn)

@@ -3,15 +3,13 @@ a padded, masked, exactly-once eval iterable, both sharded per JAX process."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
 import multiprocessing
 import os
-import signal
-import sys
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import grain
@@ -72,22 +70,32 @@ MIN_EXAMPLES_FOR_FRACTION = 100
 _log = logging.getLogger("big_vision_lite")
 
 
-def _die_with_parent() -> None:
-  """In a grain worker: have the kernel SIGKILL this process when the trainer dies.
+# How often an input worker checks that the trainer is still its parent.
+_PARENT_POLL_S = 0.2
 
-  Without it a SIGKILLed trainer (OOM killer, preemption) leaves its input
-  workers running, holding memory and the trainer's stdout/stderr pipes, which
-  also hangs whatever waits for those pipes to close. Linux only.
+
+def _die_with_parent() -> None:
+  """In a grain worker: exit at once when the trainer process dies.
+
+  Without it a SIGKILLed trainer (OOM killer, preemption) leaves its input workers
+  running, holding memory and the trainer's stdout/stderr pipes, which also hangs
+  whatever waits for those pipes to close. A daemon thread polls the parent pid rather
+  than prctl(PR_SET_PDEATHSIG): that signal fires when the parent *thread* that started
+  the worker ends, and grain starts its workers from a thread pool that close() ends
+  first, so the workers were SIGKILLed in the middle of grain's orderly stop, with
+  batches in flight whose shared memory then nobody unlinked (Python's resource tracker
+  warned of "leaked shared_memory objects" at every exit).
   """
-  if not sys.platform.startswith("linux"):
-    return
-  try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    return
-  if os.getppid() == 1:  # the parent died before prctl took effect
+  parent = os.getppid()
+  if parent == 1:  # the trainer died before this worker got here
     os._exit(1)  # pylint: disable=protected-access
+
+  def watch() -> None:
+    while True:
+      time.sleep(_PARENT_POLL_S)
+      if os.getppid() != parent:
+        os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=watch, name="bvl-parent-watch", daemon=True).start()
 
 
 class Preprocess(grain.transforms.RandomMap):
@@ -259,6 +267,32 @@ def close_iterator(iterator: Any) -> None:
   close = getattr(inner, "close", None)
   if callable(close):
     close()
+  _unlink_shared_memory_now()
+
+
+def _unlink_shared_memory_now() -> None:
+  """Unlinks the batches' shared memory that grain would unlink later or never; idempotent.
+
+  grain 0.2.x frees a received batch's shared memory block from a one-thread pool
+  (SharedMemoryArray.enable_async_del). Batches dropped by close() (prefetched, in flight)
+  and the last ones the trainer held are queued there just before the interpreter exits,
+  whose exit stops that pool's daemon thread first: their blocks stay linked and Python's
+  resource tracker warns "There appear to be N leaked shared_memory objects to clean up at
+  shutdown". So: wait until the pool has done what is queued (it runs in order), then
+  have later drops unlink at once, in the dropping thread.
+  """
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  arrays = getattr(shared_memory_array, "SharedMemoryArray", None)
+  pool = getattr(arrays, "_del_thread_pool", None)
+  if pool is None:
+    return
+  arrays._del_thread_pool = None  # pylint: disable=protected-access
+  arrays._outstanding_del_requests = None  # pylint: disable=protected-access
+  pool.apply(lambda: None)  # returns once every unlink queued before it has run
+  pool.close()
 
 
 def check_skipped_groups(source: Any, bad_examples: str, max_bad_fraction: float, where: str) -> None:

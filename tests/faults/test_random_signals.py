@@ -48,7 +48,7 @@ def _signalled_runs(start_cli, work, rng, n_signals, span_s):
       return log
     assert proc.returncode in OK_CODES[kind[0]], (log, err[-3000:])
     assert "Traceback" not in err, (log, err[-3000:])
-    time.sleep(0.5)  # PR_SET_PDEATHSIG: workers of a SIGKILLed trainer go with it
+    time.sleep(1.0)  # workers of a SIGKILLed trainer exit once they see it gone (0.2 s poll)
     assert not [w for w in workers if os.path.exists(f"/proc/{w}") and _alive(w)], (log, workers)
     if proc.returncode == 0:
       return log
