@@ -45,6 +45,7 @@ def run(script: str, *args: str) -> str:
   return r.stdout
 
 
+@pytest.mark.slow  # over a minute on 2 cores: CI's slow stage runs it
 def test_vs_pytorch_prints_settings_times_and_ratios(tmp_path):
   if importlib.util.find_spec("timm") is None:  # not imported here: torch_env sets torch up
     pytest.skip("timm is not installed (the [torch] extra)")
@@ -149,6 +150,7 @@ def test_openvision2_vs_ov1_prints_both_steps_and_ratios():
   assert re.search(r"step-time ratio OV1/OV2: \d+\.\d+x", out), out
 
 
+@pytest.mark.slow  # over a minute on 2 cores: CI's slow stage runs it
 def test_input_pipeline_prints_each_side_per_core_and_the_ratios():
   out = run("input_pipeline.py", "--toy")
   cores = sorted({1, min(2, os.cpu_count()), os.cpu_count()})

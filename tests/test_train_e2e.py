@@ -152,6 +152,7 @@ def test_half_written_checkpoint_is_never_resumed(uninterrupted, tmp_path):
   assert_bitwise_equal(final_params(workdir), final_params(uninterrupted))
 
 
+@pytest.mark.slow  # over a minute on 2 cores: CI's slow stage runs it
 def test_resume_onto_another_mesh(uninterrupted, tmp_path):
   r = run_cli(tmp_path, "--config.mesh.data=2", fault="term@5")
   assert r.returncode == train.PREEMPTED_EXIT_CODE, r.stderr[-2000:]

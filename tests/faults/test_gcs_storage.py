@@ -90,6 +90,7 @@ def test_train_and_metrics_on_gcs(gcs, shapes_data, run_cli):
   assert not os.path.exists(os.path.join(ROOT, "gs:")), "a gs:// path went to the local disk"
 
 
+@pytest.mark.slow  # over a minute on 2 cores: CI's slow stage runs it
 def test_checkpoint_kill_and_resume_on_gcs(gcs, shapes_data, run_cli, tmp_path):
   """Orbax checkpoints (tensorstore OCDBT) in a gs:// workdir: SIGKILL after step 5 (step 4's async
   save just issued, step 2's committed), resume, and end bitwise where an uninterrupted local run does."""

@@ -2,6 +2,7 @@
 every restart resumes from the newest complete checkpoint and the final parameters
 are bitwise those of an uninterrupted run, with the loss-guard state carried along."""
 
+import pytest
 import os
 
 from conftest import steps_on_disk
@@ -15,6 +16,7 @@ GUARD = ["--config.nan_policy=skip", "--config.spike_skip.window=4", "--config.s
          "--config.spike_skip.k=3.0"]
 
 
+@pytest.mark.slow  # over a minute on 2 cores: CI's slow stage runs it
 def test_three_kills_and_a_preemption_then_bitwise_identical(run_cli, tmp_path):
   ref = tmp_path / "ref"
   r = run_cli(ref, *GUARD, fault="nan@5")

@@ -73,6 +73,7 @@ def _check(start_cli, run_cli, tmp_path, n_signals, seed):
   assert rows == want, (seed, log)
 
 
+@pytest.mark.slow  # over a minute on 2 cores: CI's slow stage runs it
 def test_random_signals_then_resume_bitwise(start_cli, run_cli, tmp_path):
   _check(start_cli, run_cli, tmp_path, 3, seed=int(os.environ.get("BVL_SIGNAL_SEED", "0")))
 
