@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision_lite.kernels import cpu_attention, cpu_layer_norm
+from big_vision_lite.platform import attention_override
 
 Array = jax.Array
 Initializer = Callable[..., Any]
@@ -229,7 +230,10 @@ class MultiHeadDotProductAttention(nn.Module):
     k = nn.with_logical_constraint(k, ACT_HEADS)
     v = nn.with_logical_constraint(v, ACT_HEADS)
     q = q / jnp.sqrt(hd).astype(q.dtype)
-    if cpu_attention.supports(q, k, v, mask):
+    fused = attention_override.fused_attention(q, k, v, mask)
+    if fused is not None:
+      y = fused
+    elif cpu_attention.supports(q, k, v, mask):
       y = cpu_attention.attention(q, k, v, functools.partial(
           token_major_attention, dtype_mm=self.dtype_mm))
     else:
