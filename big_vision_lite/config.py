@@ -94,6 +94,9 @@ def defaults() -> ConfigDict:
   c.async_checkpoint = True
   c.mfu_peak_flops = 0.0  # per device; 0 = table value or measured CPU probe
   c.progress = True
+  # Platform settings applied before JAX starts: XLA_FLAGS preset for GPU runs
+  # (platform/gpu/xla_flags.py; "none" or "gpu_default", only xla_gpu_* flags).
+  c.platform = ConfigDict(dict(xla_flags_preset="gpu_default"))
   # Resume a workdir whose config.json differs in more than the keys in RESUMABLE_CHANGES.
   c.allow_config_change = False
   return c

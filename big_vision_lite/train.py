@@ -57,6 +57,7 @@ from big_vision_lite import (block_cache, distributed, evaluators, files, host_m
                              workdir_lock, xla_options)
 from big_vision_lite.data import ops as pp_ops, pipeline, sources, worker_watch
 from big_vision_lite.data.errors import BadInputError
+from big_vision_lite.platform.gpu import xla_flags
 from big_vision_lite.registry import UnknownNameError
 
 log = logging.getLogger("big_vision_lite")
@@ -725,6 +726,9 @@ def _main(argv: Sequence[str] | None) -> int:
   try:
     config = config_lib.load_config(args.config)
     config = config_lib.apply_overrides(config, overrides)
+    # XLA reads XLA_FLAGS when its backend starts: the config's preset goes in first.
+    if note := xla_flags.apply(config):
+      print(note, file=sys.stderr)
     maybe_initialize_distributed(args)  # before anything asks JAX about devices
     config_lib.validate(config, jax.device_count(), jax.process_count())
     # Before any dataset is read or built, the workdir written or a step compiled.
