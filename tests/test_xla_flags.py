@@ -47,8 +47,10 @@ def test_merged_keeps_the_users_flags_last_and_unduplicated():
   assert out[-2:] == user.split()
   assert sum(f.startswith("--xla_gpu_enable_triton_gemm=") for f in out) == 1
   assert xla_flags.merged("none", user) == user
-  with pytest.raises(xla_flags.PresetError, match="xla_flags_preset='x'"):
+  with pytest.raises(ValueError, match="xla_flags_preset='x'"):
     xla_flags.merged("x")
+  with pytest.raises(config_lib.ConfigError, match="xla_flags_preset='x'"):
+    xla_flags.preset_name({"platform": {"xla_flags_preset": "x"}})
 
 
 def test_apply_sets_the_environment_before_the_backend_starts(monkeypatch):

@@ -16,8 +16,6 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
-from big_vision_lite.config import ConfigError
-
 # MaxText's GPU settings (its configs/a3 launch scripts and GPU performance notes), less
 # the two that reach beyond the GPU backend or are gone from current XLA:
 # --xla_disable_hlo_passes=rematerialization also applies on CPU/TPU and removes XLA's
@@ -47,17 +45,21 @@ PRESETS: dict[str, tuple[str, ...]] = {"none": (), "gpu_default": GPU_DEFAULT}
 DEFAULT_PRESET = "gpu_default"
 
 
-class PresetError(ConfigError):
-  """An unknown preset name; printed as one line naming config.platform.xla_flags_preset."""
+def _unknown(name: str) -> str:
+  return f"config.platform.xla_flags_preset={name!r} is not one of {', '.join(PRESETS)}"
 
 
 def preset_name(config: Any) -> str:
-  """config.platform.xla_flags_preset (DEFAULT_PRESET when the config has no platform section)."""
+  """config.platform.xla_flags_preset (DEFAULT_PRESET when the config has no platform section).
+
+  An unknown name is a ConfigError (imported here: this module stays importable without
+  ml_collections, for benchmarks/accelerator_check.py).
+  """
   platform = config.get("platform", None) if hasattr(config, "get") else None
   name = (platform or {}).get("xla_flags_preset", DEFAULT_PRESET)
   if name not in PRESETS:
-    raise PresetError(f"config.platform.xla_flags_preset={name!r} is not one of "
-                      f"{', '.join(PRESETS)}")
+    from big_vision_lite.config import ConfigError  # pylint: disable=import-outside-toplevel
+    raise ConfigError(_unknown(name))
   return name
 
 
@@ -68,8 +70,7 @@ def _flag_name(flag: str) -> str:
 def merged(preset: str, existing: str = "") -> str:
   """XLA_FLAGS with the preset's flags that `existing` does not set, then `existing` itself."""
   if preset not in PRESETS:
-    raise PresetError(f"config.platform.xla_flags_preset={preset!r} is not one of "
-                      f"{', '.join(PRESETS)}")
+    raise ValueError(_unknown(preset))
   have = {_flag_name(f) for f in existing.split()}
   add = [f for f in PRESETS[preset] if _flag_name(f) not in have]
   return " ".join(add + existing.split())
