@@ -59,6 +59,7 @@ from big_vision_lite.platform import attention_override  # noqa: E402
 from big_vision_lite.platform.gpu import attention as gpu_attention  # noqa: E402
 
 GiB = 1024**3
+ROWS = ("vit", "cudnn", "siglip", "cappa", "moe", "timm")
 H200_BF16_PEAK = 790e12  # measured 8192^3 bf16 matmul on random data (KINDS.md)
 
 
@@ -100,7 +101,8 @@ def _adamw() -> optax.GradientTransformation:
 
 
 def _xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return jnp.mean(xent)
 
 
 def _time_jax_step(model: Any, batch: dict, loss_fn: Callable, sizes: Sizes, init_args: tuple,
@@ -135,6 +137,10 @@ def _time_jax_step(model: Any, batch: dict, loss_fn: Callable, sizes: Sizes, ini
   return float(np.median(times)), float(total), xla_flops
 
 
+def _tokens(sizes: Sizes, rng: np.random.Generator) -> jax.Array:
+  return jnp.asarray(rng.integers(1, sizes.vocab, (sizes.batch, sizes.text_len)), jnp.int32)
+
+
 def _images(sizes: Sizes, rng: np.random.Generator) -> jax.Array:
   return jnp.asarray(rng.standard_normal((sizes.batch, sizes.res, sizes.res, 3)), jnp.float32)
 
@@ -157,15 +163,15 @@ def vit_row(sizes: Sizes, attention: str, peak: float | None) -> Row:
 
   note = ""
   if attention == "cudnn":
-    width, depth, heads = model.width, model.depth, model.num_heads
+    width, heads = model.width, model.num_heads
     seq = (sizes.res // model.patch_size[0]) ** 2 + 1
     shape = (sizes.batch, seq, heads, width // heads)
     cc = gpu_attention._gpu_compute_capability()  # pylint: disable=protected-access
     reason = ("no CUDA GPU" if cc is None else
               gpu_attention.cudnn_reason(shape, shape, ("bfloat16",) * 3, None, cc))
     note = f"cuDNN not taken ({reason}): XLA math" if reason else "cuDNN flash attention"
-    del depth
-  step_s, mem, xla_flops = _time_jax_step(model, batch, loss_fn, sizes, (batch["image"],), attention)
+  step_s, mem, xla_flops = _time_jax_step(model, batch, loss_fn, sizes, (batch["image"],),
+                                          attention)
   fwd = flops.model_forward_flops(model, {"image": np.zeros((1, sizes.res, sizes.res, 3))})
   return _row(f"ViT-{sizes.variant} {attention} attention", sizes, step_s, mem, xla_flops,
               flops.train_flops_per_step(fwd, sizes.batch), peak, note)
@@ -182,7 +188,7 @@ def siglip_row(sizes: Sizes, peak: float | None) -> Row:
                               scan=True, remat_policy="nothing_saveable", dtype_mm="bfloat16"),
                     out_dim=(None, width), temperature_init=10.0, bias_init=-10.0)
   batch = {"image": _images(sizes, rng),
-           "text": jnp.asarray(rng.integers(1, sizes.vocab, (sizes.batch, sizes.text_len)), jnp.int32)}
+           "text": _tokens(sizes, rng)}
 
   def loss_fn(params, batch):
     zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"], train=True)
@@ -203,7 +209,7 @@ def cappa_row(sizes: Sizes, peak: float | None) -> Row:
                                  dtype_mm="bfloat16", use_bias=False),
                     vocab_size=sizes.vocab, max_len=sizes.text_len)
   batch = {"image": _images(sizes, rng),
-           "text": jnp.asarray(rng.integers(1, sizes.vocab, (sizes.batch, sizes.text_len)), jnp.int32)}
+           "text": _tokens(sizes, rng)}
 
   def loss_fn(params, batch):
     logits, _ = model.apply({"params": params}, batch["image"], batch["text"], train=True)
@@ -317,41 +323,48 @@ def format_table(rows: list[Row], header: str) -> str:
   for r in rows:
     lines.append(
         f"| {r.name} | {_fmt(r.step_s and r.step_s * 1e3, '.1f')} | {_fmt(r.images_per_s, '.1f')} "
-        f"| {_fmt(r.mfu and 100 * r.mfu, '.1f')}{'%' if r.mfu else ''} | {_fmt(r.xla_tflops, '.1f')} "
+        f"| {_fmt(r.mfu and 100 * r.mfu, '.1f')}{'%' if r.mfu else ''} "
+        f"| {_fmt(r.xla_tflops, '.1f')} "
         f"| {_fmt(r.memory_bytes and r.memory_bytes / GiB, '.2f')} | {r.note} |")
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--toy", action="store_true", help="tiny models and batch (a CPU test)")
   ap.add_argument("--peak_tflops", type=float, default=None,
                   help="bf16 peak per device for MFU (default: 790 on a GPU, none on CPU)")
   ap.add_argument("--steps", type=int, default=None, help="timed steps per row (after warm-up)")
   ap.add_argument("--batch", type=int, default=None)
-  ap.add_argument("--only", default="", help="comma-separated rows: vit,cudnn,siglip,cappa,moe,timm")
+  ap.add_argument("--only", default="", help=f"comma-separated rows: {','.join(ROWS)}")
   ap.add_argument("--no_torch_compile", action="store_true", help="timm row in eager mode")
   ap.add_argument("--json", default="", help="also write the rows to this JSON file")
-  ap.add_argument("--xla_flags_preset", default=xla_flags.DEFAULT_PRESET, choices=sorted(xla_flags.PRESETS),
+  ap.add_argument("--xla_flags_preset", default=xla_flags.DEFAULT_PRESET,
+                  choices=sorted(xla_flags.PRESETS),
                   help="XLA_FLAGS preset (platform/gpu/xla_flags.py), as the trainer's "
                        "config.platform.xla_flags_preset")
   args = ap.parse_args(argv)
   sizes = TOY if args.toy else FULL
   if args.steps or args.batch:
-    sizes = dataclasses.replace(sizes, steps=args.steps or sizes.steps, batch=args.batch or sizes.batch)
+    sizes = dataclasses.replace(sizes, steps=args.steps or sizes.steps,
+                                batch=args.batch or sizes.batch)
   device = jax.devices()[0]
   on_gpu = device.platform == "gpu"
   peak = args.peak_tflops * 1e12 if args.peak_tflops else (H200_BF16_PEAK if on_gpu else None)
-  wanted = set(filter(None, args.only.split(","))) or {"vit", "cudnn", "siglip", "cappa", "moe", "timm"}
+  wanted = set(filter(None, args.only.split(","))) or set(ROWS)
   header = (f"accelerator check: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
             f"batch {sizes.batch} at {sizes.res}px, {sizes.steps} timed steps (median) after "
             f"{sizes.warmup} warm-up; MFU vs {_fmt(peak and peak / 1e12, '.0f')} TFLOP/s bf16; "
             f"XLA flags preset {args.xla_flags_preset}")
   print(header, flush=True)
-  builders = [("vit", lambda: vit_row(sizes, "xla", peak)), ("cudnn", lambda: vit_row(sizes, "cudnn", peak)),
-              ("siglip", lambda: siglip_row(sizes, peak)), ("cappa", lambda: cappa_row(sizes, peak)),
+  compile_torch = not (args.toy or args.no_torch_compile)
+  builders = [("vit", lambda: vit_row(sizes, "xla", peak)),
+              ("cudnn", lambda: vit_row(sizes, "cudnn", peak)),
+              ("siglip", lambda: siglip_row(sizes, peak)),
+              ("cappa", lambda: cappa_row(sizes, peak)),
               ("moe", lambda: moe_row(sizes, peak)),
-              ("timm", lambda: timm_row(sizes, peak, compile_model=not (args.toy or args.no_torch_compile)))]
+              ("timm", lambda: timm_row(sizes, peak, compile_model=compile_torch))]
   rows = []
   for key, build in builders:
     if key not in wanted:

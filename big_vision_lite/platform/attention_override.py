@@ -1,4 +1,4 @@
-"""Stand-in for the platform attention dispatch: the fused implementation traced while a context is set.
+"""Stand-in for the platform attention dispatch: the fused kernel traced while a context is set.
 
 `config.model.attention_impl` will select the implementation through the platform layer's
 registry; until the model reads that key itself, `plan` sets it around tracing with
@@ -39,11 +39,12 @@ def fused_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array |
   """
   impl = _IMPL.get()
   if impl == "cudnn":
-    from big_vision_lite.platform.gpu import attention as gpu  # pylint: disable=import-outside-toplevel
+    # Imported when selected: the kernels' modules load Pallas / cuDNN code paths.
+    from big_vision_lite.platform.gpu import attention as gpu
     if gpu.supports_cudnn(q, k, v, mask):
       return gpu.cudnn_attention(q, k, v, mask=mask, scale=1.0)
   elif impl == "splash":
-    from big_vision_lite.platform.tpu import attention as tpu  # pylint: disable=import-outside-toplevel
+    from big_vision_lite.platform.tpu import attention as tpu
     if tpu.supports_splash(q, k, v, mask):
       return tpu.splash_attention(q, k, v, mask=mask, scale=1.0)
   return None

@@ -1,4 +1,4 @@
-"""Pallas splash (flash) attention on TPU, padded to the kernel's 128-token blocks for ViT lengths."""
+"""Pallas splash (flash) attention on TPU, padded to the kernel's 128-token blocks (ViT lengths)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def splash_reason(q_shape: tuple[int, ...], k_shape: tuple[int, ...], dtypes: tu
   """
   if len(q_shape) != 4 or len(k_shape) != 4:
     return f"operands must be rank 4 (batch, length, heads, head_dim), got {q_shape}, {k_shape}"
-  if len(set(map(np.dtype, dtypes))) != 1 or np.dtype(dtypes[0]) not in map(np.dtype, SPLASH_DTYPES):
+  kinds = set(map(np.dtype, dtypes))
+  if len(kinds) != 1 or kinds.pop() not in map(np.dtype, SPLASH_DTYPES):
     return f"q/k/v must all be float32 or bfloat16, got {[str(np.dtype(d)) for d in dtypes]}"
   if q_shape[0] != k_shape[0] or q_shape[2:] != k_shape[2:]:
     return f"q {q_shape} and k {k_shape} must agree on batch, heads and head_dim"
@@ -65,7 +66,7 @@ def _local_splash(q: Array, k: Array, v: Array, *, scale: float, interpret: bool
   _, t, n, _ = q.shape
   s = k.shape[1]
   tp, sp = padded_length(t), padded_length(s)
-  # The kernel takes q unscaled-free: it computes softmax(q k^T) v, so scale first.
+  # The kernel computes softmax(q k^T) v with no scale of its own: scale q first.
   q = (q * jnp.asarray(scale, q.dtype)).astype(q.dtype)
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, N, L, hd)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
