@@ -76,7 +76,9 @@ def defaults() -> ConfigDict:
 
   # Compiler settings per backend (big_vision_lite/platform): XLA:CPU's dot emitter,
   # 'auto' (measured once per CPU model and width), 'eigen' or 'ynnpack'.
-  c.platform = ConfigDict(dict(cpu_dots="auto"))
+  # Platform settings: the CPU dot emitter (platform/dispatch.py) and the XLA_FLAGS preset for
+  # GPU runs, applied before JAX starts (platform/gpu/xla_flags.py; "none" or "gpu_default").
+  c.platform = ConfigDict(dict(cpu_dots="auto", xla_flags_preset="gpu_default"))
 
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   c.sharding_rules = [

@@ -2,13 +2,15 @@
 (or the local CPU backend) and print per-chip memory, FLOPs and a step-time lower bound.
 
     python -m big_vision_lite.plan --config configs/vit_i1k.py --topology v5e:16x16 \
-        [--config.input.batch_size=4096 ...] [--json plan.json]
+        [--config.input.batch_size=4096 ...] [--config.model.attention_impl=splash] [--json plan.json]
 
 TPU topologies need libtpu (`pip install big_vision_lite[tpu]`) but no TPU: the step is
 compiled on this CPU host for compile-only devices. Nothing is read from the dataset unless
 it is present (its first example fixes the input shapes); otherwise a synthetic record is
 run through config.input.pp. Exit status 2 with one line when the input is bad or the
-configuration does not fit in the chip's memory.
+configuration does not fit in the chip's memory. With --config.model.attention_impl=splash
+(Pallas TPU splash attention) the step is also compiled with the XLA attention and both
+per-chip totals are printed.
 """
 
 from __future__ import annotations
@@ -157,7 +159,12 @@ def plan(config, topology: str, memory_gib: float | None = None) -> dict[str, An
   import flax.linen as nn
   import jax
   from big_vision_lite import build, config as config_lib, distributed, flops, platform, sharding, train_step
+  from big_vision_lite.platform import attention_override
 
+  impl = attention_impl_of(config)
+  if impl == "splash" and parse_topology(topology)[0] == "cpu":
+    raise PlanError(f"config.model.attention_impl=splash is a TPU kernel: plan it for a TPU "
+                    f"topology (e.g. v5e:2x2), not {topology}")
   devices, chip = topology_devices(topology)
   # Implementations for the target's backend: a TPU plan never measures CPU kernels here.
   platform.configure(config, backend=devices[0].platform)
@@ -179,30 +186,41 @@ def plan(config, topology: str, memory_gib: float | None = None) -> dict[str, An
   example, example_src = example_for(config)
   t0 = time.perf_counter()
   setup = build.build(config, mesh=mesh, example=example)
-  step = train_step.make_train_step(setup, config.grad_accum_steps)
   abstract_batch = {
       k: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim))
       for k, v in example.items()}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    lowered = step.lower(setup.abstract_state, abstract_batch)
-    try:
-      compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - XLA refuses to compile what cannot fit its chip
-      msg = str(e)
-      if "RESOURCE_EXHAUSTED" not in msg:
-        raise
-      reason = next((line.strip() for line in msg.splitlines() if "RESOURCE_EXHAUSTED" in line), msg[:300])
-      raise PlanError(f"does not fit on {topology} at batch {batch} ({reason.split('RESOURCE_EXHAUSTED: ')[-1]}); "
-                      "shard more (config.mesh fsdp), lower the batch or raise grad_accum_steps") from None
-  compile_s = time.perf_counter() - t0
 
-  mem = compiled.memory_analysis()
-  args_b = int(mem.argument_size_in_bytes)
-  out_b = int(mem.output_size_in_bytes)
-  alias_b = int(mem.alias_size_in_bytes)
-  temp_b = int(mem.temp_size_in_bytes)
-  code_b = int(getattr(mem, "generated_code_size_in_bytes", 0) or 0)
-  total_b = args_b + out_b - alias_b + temp_b + code_b
+  def compile_step(impl: str):
+    # A fresh step function per implementation: jit caches traces by function, and the
+    # implementation is read while tracing.
+    step = train_step.make_train_step(setup, config.grad_accum_steps)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules), \
+        attention_override.attention_impl(impl):
+      lowered = step.lower(setup.abstract_state, abstract_batch)
+      try:
+        return lowered.compile()
+      except Exception as e:  # noqa: BLE001 - XLA refuses to compile what cannot fit its chip
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg:
+          raise
+        reason = next((line.strip() for line in msg.splitlines() if "RESOURCE_EXHAUSTED" in line), msg[:300])
+        raise PlanError(f"does not fit on {topology} at batch {batch} with {impl} attention "
+                        f"({reason.split('RESOURCE_EXHAUSTED: ')[-1]}); shard more (config.mesh fsdp), "
+                        "lower the batch or raise grad_accum_steps") from None
+
+  compiled = compile_step(impl)
+  compile_s = time.perf_counter() - t0
+  # The same step with the XLA attention, for the memory a fused kernel saves.
+  xla_attention = None
+  if impl not in ("xla", "auto"):
+    try:
+      xla_attention = _memory(compile_step("xla"))
+    except PlanError as e:
+      xla_attention = {"error": str(e)}
+
+  mem = _memory(compiled)
+  args_b, out_b, alias_b = mem["argument_bytes"], mem["output_bytes"], mem["alias_bytes"]
+  temp_b, code_b, total_b = mem["temp_bytes"], mem["code_bytes"], mem["total_bytes"]
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
@@ -238,7 +256,26 @@ def plan(config, topology: str, memory_gib: float | None = None) -> dict[str, An
       "hbm_bytes_per_device": hbm_bytes, "peak_flops": peak, "hbm_bytes_per_s": bw,
       "compute_bound_s": compute_s, "memory_bound_s": memory_s, "step_time_lower_bound_s": bound,
       "compile_s": compile_s, "layout_note": layout_note,
+      "attention_impl": impl, "xla_attention": xla_attention,
+      # Pallas kernels in the compiled step (splash attention's forward and backward calls).
+      "tpu_custom_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
   }
+
+
+def _memory(compiled) -> dict[str, int]:
+  """Per-device bytes of a compiled step; total = arguments + outputs - aliased + temps + code."""
+  mem = compiled.memory_analysis()
+  out = {"argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
+         "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
+         "code_bytes": int(getattr(mem, "generated_code_size_in_bytes", 0) or 0)}
+  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                        + out["temp_bytes"] + out["code_bytes"])
+  return out
+
+
+def attention_impl_of(config) -> str:
+  """The attention implementation the config names (config.model.attention_impl; "auto")."""
+  return (config.model.get("attention_impl", None) if "model" in config else None) or "auto"
 
 
 def _gib(b: float) -> str:
@@ -269,6 +306,15 @@ def format_plan(p: dict[str, Any]) -> str:
          if p["hbm_bytes_per_s"] else "(no bandwidth figure for this backend)"),
       f"compiled in {p['compile_s']:.1f} s",
   ]
+  x = p.get("xla_attention")
+  if x and "error" in x:
+    lines.insert(3, f"attention {p['attention_impl']}: total {_gib(p['total_bytes'])} per device; "
+                    f"with the XLA attention the step {x['error']}")
+  elif x:
+    lines.insert(3, f"attention {p['attention_impl']}: total {_gib(p['total_bytes'])} per device "
+                    f"(temporaries {_gib(p['temp_bytes'])}) vs {_gib(x['total_bytes'])} "
+                    f"(temporaries {_gib(x['temp_bytes'])}) with the XLA attention; "
+                    f"{p['tpu_custom_calls']} Pallas kernel calls in the step")
   if p["layout_note"]:
     lines.append(f"note: {p['layout_note'].split(';')[0]}; each host's batch is spread over its "
                  f"devices' rows (per-example losses are unaffected)")

@@ -34,6 +34,7 @@ from big_vision_lite.data import worker_watch
 from big_vision_lite.data.errors import BadInputError
 from big_vision_lite.hooks import Hook
 from big_vision_lite.hooks.checkpoint import Preempted
+from big_vision_lite.platform.gpu import xla_flags
 from big_vision_lite.registry import UnknownNameError
 from big_vision_lite.run import train_and_evaluate
 
@@ -110,6 +111,9 @@ def _main(argv: Sequence[str] | None, hooks: Sequence[Hook]) -> int:
   try:
     config = config_lib.load_config(args.config)
     config = config_lib.apply_overrides(config, overrides)
+    # XLA reads XLA_FLAGS when its backend starts: the config's preset goes in first.
+    if note := xla_flags.apply(config):
+      print(note, file=sys.stderr)
     maybe_initialize_distributed(args)  # before anything asks JAX about devices
     config_lib.validate(config, jax.device_count(), jax.process_count())
     platform.configure(config, workdir=args.workdir)  # attention/norm/compiler choices

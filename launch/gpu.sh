@@ -5,13 +5,16 @@
 #
 # XLA_PYTHON_CLIENT_MEM_FRACTION: share of GPU memory JAX preallocates (default here 0.9;
 #   set XLA_PYTHON_CLIENT_PREALLOCATE=false to allocate on demand when sharing a GPU).
-# XLA_FLAGS: latency-hiding scheduler and Triton GEMMs, the usual JAX-on-GPU settings;
-#   anything already in XLA_FLAGS is kept and comes last, so it wins.
+# XLA_FLAGS: the config's config.platform.xla_flags_preset (default gpu_default: MaxText's
+#   latency-hiding scheduler and collective settings; none: nothing added), from
+#   big_vision_lite/platform/gpu/xla_flags.py; a flag already in XLA_FLAGS wins over the preset's.
 # CUDA_VISIBLE_DEVICES picks the GPUs; all visible GPUs form one mesh in one process.
 # Needs jax with CUDA: pip install -e ".[cuda]" (checked before training). DRY_RUN=1 prints the command.
 set -euo pipefail
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
-export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=true ${XLA_FLAGS:-}"
+# XLA reads XLA_FLAGS when its backend starts, so the preset is exported before the trainer runs.
+XLA_FLAGS="$("${PYTHON:-python}" -m big_vision_lite.platform.gpu.xla_flags "$@")" || exit 2
+export XLA_FLAGS
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
 unset BVL_DISTRIBUTED
 CMD=("${PYTHON:-python}" -m big_vision_lite.train "$@")

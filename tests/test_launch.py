@@ -60,12 +60,32 @@ def test_tpu_bad_input_is_one_line():
   assert r.returncode == 2 and "no default --version" in r.stderr
 
 
-def test_gpu_script_sets_memory_fraction_and_flags():
-  r = sh("bash", "launch/gpu.sh", "--config", "configs/vit_shapes.py", env={"DRY_RUN": "1", "XLA_FLAGS": "--mine"})
+def _dry_run_xla_flags(*args, xla_flags="--mine"):
+  r = sh("bash", "launch/gpu.sh", "--config", "configs/vit_shapes.py", *args,
+         env={"DRY_RUN": "1", "XLA_FLAGS": xla_flags, "PYTHON": sys.executable})
   assert r.returncode == 0, r.stderr
   assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in r.stdout
-  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in r.stdout and "--mine'" in r.stdout
   assert "-m big_vision_lite.train --config configs/vit_shapes.py" in r.stdout
+  return r.stdout.split("XLA_FLAGS='", 1)[1].split("'", 1)[0].split()
+
+
+def test_gpu_script_exports_the_configs_xla_flags_preset():
+  from big_vision_lite.platform.gpu import xla_flags
+  # The default preset, then what the user already had (which therefore wins).
+  assert _dry_run_xla_flags() == [*xla_flags.GPU_DEFAULT, "--mine"]
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in xla_flags.GPU_DEFAULT
+  assert _dry_run_xla_flags("--config.platform.xla_flags_preset=none") == ["--mine"]
+  # A flag the user set is not set again by the preset.
+  mine = "--xla_gpu_enable_triton_gemm=true"
+  flags = _dry_run_xla_flags(xla_flags=mine)
+  assert flags[-1] == mine and not any(f.startswith("--xla_gpu_enable_triton_gemm=f") for f in flags)
+
+
+def test_gpu_script_bad_preset_is_one_line_exit_2():
+  r = sh("bash", "launch/gpu.sh", "--config", "configs/vit_shapes.py",
+         "--config.platform.xla_flags_preset=fast", env={"DRY_RUN": "1", "PYTHON": sys.executable})
+  assert r.returncode == 2 and r.stderr.strip() == (
+      "error: config.platform.xla_flags_preset='fast' is not one of none, gpu_default"), r.stderr
 
 
 def test_gpu_script_without_a_gpu_is_one_line_naming_the_cuda_extra():

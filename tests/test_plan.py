@@ -53,6 +53,8 @@ def test_does_not_fit_is_one_line_exit_2(capsys):
     (["--topology", "cpu:8", "--config.mesh.data=3"], "config.mesh"),
     (["--topology", "cpu:8", "--config.input.batch_size=12"], "config.input.batch_size: 12"),
     (["--topology", "cpu:64"], "has 8 CPU devices"),
+    (["--topology", "cpu:8", "--config.model.attention_impl=splash"], "is a TPU kernel"),
+    (["--topology", "cpu:8", "--config.model.attention_impl=flash"], "is not one of xla, cudnn, splash"),
 ])
 def test_bad_input_is_one_line_before_compile(capsys, monkeypatch, args, match):
   def no_compile(*a, **k):
@@ -74,6 +76,28 @@ def test_tpu_plan_on_a_small_topology(capsys, tmp_path):
   assert p["xla_flops_per_device"] >= p["model_flops_per_step"] / 4
   assert p["memory_bound_s"] == pytest.approx(p["hbm_bytes_per_device"] / 819e9)
   assert p["step_time_lower_bound_s"] == max(p["compute_bound_s"], p["memory_bound_s"])
+
+
+@pytest.mark.parametrize("topology,devices,kind", [("v5e:2x2", 4, "TPU v5e"), ("v5p:2x2x1", 4, "TPU v5p")])
+def test_tpu_plan_with_splash_attention_against_xla(capsys, tmp_path, topology, devices, kind):
+  """config.model.attention_impl=splash compiles the Pallas kernel into the step (forward and
+  backward) and reports the same step's memory with the XLA attention beside it."""
+  pytest.importorskip("libtpu")
+  path = str(tmp_path / "plan.json")
+  code, out, err = _main(capsys, "--topology", topology, "--config.model.attention_impl=splash",
+                         "--json", path)
+  assert code == 0, err
+  p = json.load(open(path))
+  assert p["devices"] == devices and p["device_kind"] == kind and p["attention_impl"] == "splash"
+  # One encoder block: the forward kernel and the backward's dq and dkv kernels at least.
+  assert p["tpu_custom_calls"] >= 2, p["tpu_custom_calls"]
+  xla = p["xla_attention"]
+  assert 0 < xla["total_bytes"] < p["capacity_bytes"] and xla["argument_bytes"] == p["argument_bytes"]
+  assert "with the XLA attention" in out
+  # The plain plan traces the XLA math: no Pallas call, no second compile.
+  code, out, err = _main(capsys, "--topology", topology, "--json", path)
+  p = json.load(open(path))
+  assert code == 0 and p["tpu_custom_calls"] == 0 and p["xla_attention"] is None, err
 
 
 @pytest.mark.slow  # compiles V-MoE B/16 for 256 chips: about 2 minutes

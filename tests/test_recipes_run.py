@@ -112,3 +112,23 @@ def test_recipe_plans_for_its_tpu_topology_without_data_or_tokenizer(recipe, tmp
   if out.returncode == 2:  # only "does not fit" may refuse, never missing data or tokenizer
     assert "does not fit" in out.stderr, out.stderr[-2000:]
   assert json.loads((tmp_path / "plan.json").read_text())["argument_bytes"] > 0
+
+
+# The ViT and SigLIP recipes with the Pallas splash attention, for one v5e and one v5p topology
+# (SigLIP at a batch that fits 8 v5p chips); plan prints both attentions' per-chip memory.
+SPLASH_PLANS = {"vit_i1k": ("", "v5e:4x4"), "siglip_b16": (":batch=4096", "v5p:2x2x2")}
+
+
+@pytest.mark.parametrize("recipe", sorted(SPLASH_PLANS))
+def test_recipe_plans_with_splash_attention_on_tpu(recipe, tmp_path):
+  pytest.importorskip("libtpu", reason="TPU topologies compile with libtpu (pip install .[tpu])")
+  arg, topology = SPLASH_PLANS[recipe]
+  out = subprocess.run(
+      [sys.executable, "-m", "big_vision_lite.plan", "--config", f"configs/{recipe}.py{arg}",
+       "--topology", topology, "--config.model.attention_impl=splash",
+       "--json", str(tmp_path / "plan.json")],
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=1800, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  p = json.loads((tmp_path / "plan.json").read_text())
+  assert p["attention_impl"] == "splash" and p["tpu_custom_calls"] > 0
+  assert p["xla_attention"]["total_bytes"] > 0 and "with the XLA attention" in out.stdout

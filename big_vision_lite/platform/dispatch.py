@@ -63,6 +63,10 @@ KEYS = {"model.attention_impl": ATTENTION, "model.norm_impl": NORM, "platform.cp
 # What `auto` tries first on each backend, before the XLA path.
 _AUTO_FIRST = {"attention": {"cpu": "cpu_kernel", "gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"},
                "norm": {"cpu": "cpu_kernel"}}
+# `auto` on TPU takes splash attention from this many tokens: below it, padding to 128-token
+# blocks costs more than it saves (vit_i1k on v5e:4x4 planned 5.16 GiB per chip with splash at
+# 197 tokens against 3.92 GiB with XLA's attention, benchmarks/RESULTS.md).
+SPLASH_AUTO_MIN_LEN = 1024
 # Autotune measures at most this many (batch x heads) attention blocks / LayerNorm rows: the
 # kernels work block by block, so a slice of the batch ranks them as the whole batch does.
 _TUNE_BLOCKS = 64
@@ -193,6 +197,9 @@ def _resolve(kind: str, table: dict[str, Impl], requested: str, args: tuple,
   if requested != AUTO:
     return name, "configured", None
   if _family(_backend()) != "cpu":
+    if name == "splash" and args[0].shape[-3] < SPLASH_AUTO_MIN_LEN:
+      return "xla", (f"auto: XLA's attention at {args[0].shape[-3]} tokens (splash pads to "
+                     f"128-token blocks; it is chosen from {SPLASH_AUTO_MIN_LEN})"), None
     return name, f"auto: {name} supports these operands on {_backend()}", None
   if jax.process_count() > 1:
     # Each process would measure on its own host; processes that chose differently would train

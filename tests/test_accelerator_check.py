@@ -1,0 +1,70 @@
+"""benchmarks/accelerator_check.py runs at toy size on CPU, as the GPU host would run it: in a
+process where ml_collections, grain and tensorflow(-datasets) cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCKED = ("ml_collections", "grain", "tensorflow_datasets", "tensorflow")
+# Runs the script with an import hook refusing the packages the GPU host does not have.
+WRAPPER = f"""
+import importlib.abc, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split(".")[0] in {BLOCKED!r}:
+      raise ImportError("not on the GPU host: " + name)
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _run(tmp_path, *args):
+  path = tmp_path / "check.json"
+  out = subprocess.run(
+      [sys.executable, "-c", WRAPPER, "benchmarks/accelerator_check.py", "--toy", "--json", str(path),
+       *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return out, (json.loads(path.read_text()) if path.exists() else None)
+
+
+def test_the_wrapper_blocks_what_the_gpu_host_lacks(tmp_path):
+  probe = tmp_path / "probe.py"
+  probe.write_text("import big_vision_lite.config\n")
+  r = subprocess.run([sys.executable, "-c", WRAPPER, str(probe)], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode != 0 and "not on the GPU host: ml_collections" in r.stderr
+
+
+def test_vit_rows_at_toy_size_without_ml_collections_grain_or_tfds(tmp_path):
+  out, result = _run(tmp_path, "--only", "vit,cudnn")
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = {r["name"]: r for r in result["rows"]}
+  assert len(rows) == 2
+  for r in rows.values():
+    assert r["step_s"] > 0 and r["images_per_s"] > 0 and r["memory_bytes"] > 0, r
+  # No GPU here: the cuDNN row says it ran the XLA math, and why.
+  assert "cuDNN not taken (no CUDA GPU)" in rows["ViT-mu/8 cudnn attention"]["note"]
+  assert "| run | step ms | images/s | MFU |" in out.stdout
+
+
+@pytest.mark.slow  # every row, the timm one too: a few minutes of compiles on a CPU
+def test_every_row_at_toy_size(tmp_path):
+  out, result = _run(tmp_path)
+  rows = result["rows"]
+  assert [r["name"].split(" ")[0] for r in rows] == ["ViT-mu/8", "ViT-mu/8", "SigLIP", "CapPa",
+                                                     "MoE-ViT", "timm"], rows
+  try:
+    import timm  # noqa: F401  pylint: disable=unused-import
+    timm_ok = True
+  except Exception:  # noqa: BLE001 - a broken torchvision raises RuntimeError on import
+    timm_ok = False
+  for r in rows if timm_ok else rows[:-1]:
+    assert r["step_s"] and r["step_s"] > 0, r
+  if not timm_ok:
+    assert rows[-1]["note"].startswith("skipped: timm does not import"), rows[-1]
+  assert out.returncode == 0, out.stderr[-3000:]
