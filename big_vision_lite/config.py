@@ -16,11 +16,12 @@ from typing import Any
 
 import ml_collections
 
+from big_vision_lite import config_errors
+
 ConfigDict = ml_collections.ConfigDict
 
 
-class ConfigError(ValueError):
-  """A config problem; the message names the offending key."""
+ConfigError = config_errors.ConfigError  # defined without ml_collections, raised here too
 
 
 # Sub-dicts whose contents belong to a component (a model, a task, an evaluator)

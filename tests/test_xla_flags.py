@@ -91,4 +91,4 @@ def test_trainer_records_the_preset_and_starts_with_it(tmp_path):
   preset = [f for f in xla_flags.GPU_DEFAULT if not f.startswith("--xla_gpu_enable_triton_gemm=")]
   assert line.split("=", 1)[1].split() == [*preset, MINE]
   saved = json.loads((workdir / "config.json").read_text())
-  assert saved["platform"] == {"xla_flags_preset": "gpu_default"}
+  assert saved["platform"]["xla_flags_preset"] == "gpu_default"

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite import config as config_lib
+from big_vision_lite import config_errors
 
 
 Array = jax.Array
@@ -74,7 +74,7 @@ _TUNE_ROWS = 8192
 _TUNE_DOT_ROWS = 2048
 
 
-class PlatformConfigError(config_lib.ConfigError):
+class PlatformConfigError(config_errors.ConfigError):
   """A config value names no implementation, or one for another backend."""
 
 
