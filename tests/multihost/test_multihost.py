@@ -29,6 +29,7 @@ COMMON = [
     "--config.evals.val.data.split=validation[:64]", "--config.evals.val.batch_size=32",
     f"--config.evals.val.log_steps={STEPS}", "--config.log_training_steps=1", "--config.progress=False",
     "--config.schedule.warmup_steps=2", "--config.ckpt_steps=3",
+    "--config.profile.num_steps=0",  # the shipped configs trace steps 10..12
 ]
 # Heartbeat: how fast a dead peer is noticed; shutdown: slack for a slow process 0 under load.
 ENV = dict(os.environ, BVL_HEARTBEAT_TIMEOUT_S="10", BVL_SHUTDOWN_TIMEOUT_S="120")
