@@ -9,10 +9,28 @@ from typing import Any
 import jax
 import ml_collections
 
-from big_vision_lite import checkpoint, distributed, pretrained
+from big_vision_lite import checkpoint, distributed, pretrained, state_layouts
 from big_vision_lite.build import Setup
 
 log = logging.getLogger("big_vision_lite")
+
+
+def _restore_step(ckpt: checkpoint.Checkpointer, step: int, abstract_state: dict,
+                  data_iter: Any) -> tuple[dict, str | None]:
+  """(state in the current layout, a note when the checkpoint had an older one or None)."""
+  step_dir = ckpt.step_path(step)
+  # An incomplete step folder: restore() says why, in its own words.
+  if checkpoint.step_dir_problem(step_dir) is not None or not state_layouts.is_old_guard_layout(
+      checkpoint.read_state_metadata(step_dir / checkpoint.STATE_ITEM)):
+    return ckpt.restore(step, abstract_state, data_iter), None
+  old = ckpt.restore(step, state_layouts.to_old_guard_layout(abstract_state), data_iter,
+                     zero_if_missing=tuple(f"{state_layouts.OLD_GUARD}/{k}"
+                                           for k in state_layouts.ADDED_LATER))
+  note = "has the loss guard's state in a top-level guard/ (an older layout): read into opt_state"
+  if ckpt.zero_filled:
+    note += (f"; it predates the loss guard's {', '.join(ckpt.zero_filled)} (written by an older "
+             "version): they start at 0")
+  return state_layouts.from_old_guard_layout(old, abstract_state), note
 
 
 def restore_or_init(setup: Setup, config: ml_collections.ConfigDict,
@@ -28,7 +46,8 @@ def restore_or_init(setup: Setup, config: ml_collections.ConfigDict,
       try:
         # Another process count wrote it: no iterator file for us; the data order is global, so seek.
         same_layout = distributed.has_data_state(ckpt.step_path(step))
-        state = ckpt.restore(step, setup.abstract_state, train_iter if same_layout else None)
+        state, note = _restore_step(ckpt, step, setup.abstract_state,
+                                    train_iter if same_layout else None)
         if not same_layout:
           distributed.seek(train_iter, step)
       except checkpoint.CheckpointError as e:
@@ -39,6 +58,8 @@ def restore_or_init(setup: Setup, config: ml_collections.ConfigDict,
         continue
       if jax.process_index() == 0:
         print(f"resumed from step {step} (checkpoint {ckpt.step_path(step)})", flush=True)
+        if note:
+          print(f"note: checkpoint step {step} {note}", flush=True)
       return state, step
     unusable = sorted(p.name for p in ckpt.directory.iterdir() if ".unusable-" in p.name) \
         if ckpt.directory.is_dir() else []  # an object store has no empty folders

@@ -21,7 +21,8 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 
 # Short runs: a log line per step (stderr, as in a log file), a checkpoint every 2 steps, no MFU probe, one warmup step
 # (the recipes' own warmup is longer than these runs).
 COMMON = ["--config.log_training_steps=1", "--config.ckpt_steps=2",
-          "--config.mfu_peak_flops=1e12", "--config.schedule.warmup_steps=1"]
+          "--config.mfu_peak_flops=1e12", "--config.schedule.warmup_steps=1",
+          "--config.profile.num_steps=0"]  # the recipes trace steps 10..12
 TINY_SHAPES = "res=32,width=16,depth=1,heads=2,patch=8,batch=16,steps=3,workers=0"
 # recipe -> (config args, extra overrides, expected total steps); {data}, {tars}, {spm} are filled in.
 RUNS = {

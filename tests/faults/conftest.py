@@ -21,6 +21,7 @@ COMMON = [
     "--config.evals={}", "--config.log_training_steps=1", "--config.progress=False",
     "--config.schedule.warmup_steps=2", "--config.ckpt_steps=2", "--config.input.num_workers=0",
     "--config.mfu_peak_flops=1e12",  # skips the matmul probe
+    "--config.profile.num_steps=0",  # the shipped configs trace steps 10..12
 ]
 
 

@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from orbax.checkpoint._src.path import async_path
 
-from conftest import COMMON, ROOT, TINY, metric_rows, steps_on_disk
+from conftest import COMMON, ROOT, TINY, steps_on_disk
+from helpers import metric_rows
 
 from big_vision_lite.checkpoint import CheckpointError, Checkpointer, short_error
 

@@ -134,7 +134,7 @@ def test_caption_samples_write_into_a_gcs_workdir(gcs, shapes_data, compile_cach
   captions) and <name>.jsonl (one line per eval, rewritten whole: object stores cannot append)."""
   import subprocess
   import sys
-  from conftest import cli_env
+  from helpers import cpu_env
   data_dir = shapes_data[1]
   workdir = f"gs://{BUCKET}/cappa"
   pp = ("decode|resize(16)|value_range(-1, 1)|tokenize(16, model='bvl_shapes', key='caption', "
@@ -147,7 +147,7 @@ def test_caption_samples_write_into_a_gcs_workdir(gcs, shapes_data, compile_cach
          f"--config.input.data.data_dir={data_dir}", f"--config.evals={evals!r}", "--config.ckpt_steps=0",
          "--config.progress=False", "--config.log_training_steps=1", "--config.mfu_peak_flops=1e12",
          "--config.schedule.warmup_steps=1"]
-  r = subprocess.run(cmd, env={**cli_env(compile_cache), **gcs}, capture_output=True, text=True, timeout=600,
+  r = subprocess.run(cmd, env={**cpu_env(2, compile_cache), **gcs}, capture_output=True, text=True, timeout=600,
                      cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = json.loads(storage.read_text(f"{workdir}/samples.json"))

@@ -33,6 +33,7 @@ COMMON = [
     # several, and this test compares process layouts, not implementations.
     "--config.model.attention_impl=xla", "--config.model.norm_impl=xla",
     "--config.platform.cpu_dots=eigen",
+    "--config.profile.num_steps=0",  # the shipped configs trace steps 10..12
 ]
 # Heartbeat: how fast a dead peer is noticed; shutdown: slack for a slow process 0 under load.
 ENV = dict(os.environ, BVL_HEARTBEAT_TIMEOUT_S="10", BVL_SHUTDOWN_TIMEOUT_S="120")
