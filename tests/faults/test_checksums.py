@@ -85,9 +85,15 @@ def test_corrupt_array_step_is_set_aside_and_previous_used(reference, tmp_path, 
   work = tmp_path / "w"
   shutil.copytree(ref_dir, work)
   victim = _largest_data_file(str(work / "checkpoints" / "8"))
-  for where in (0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9):  # the first flip that changes a value
+  # The first flip that silently changes a value (one tensorstore's own CRC notices, on an
+  # index node, is undone: the digests are what this test is about).
+  for where in np.linspace(0.03, 0.97, 16):
     _flip(victim, int(os.path.getsize(victim) * where), 3)
-    flipped = _restore_unchecked(str(work / "checkpoints"), 8, setup.abstract_state)
+    try:
+      flipped = _restore_unchecked(str(work / "checkpoints"), 8, setup.abstract_state)
+    except ValueError:
+      _flip(victim, int(os.path.getsize(victim) * where), 3)
+      continue
     if any(not np.array_equal(clean[k], flipped[k]) for k in clean):
       break
     _flip(victim, int(os.path.getsize(victim) * where), 3)
