@@ -252,8 +252,10 @@ def _row(name: str, sizes: Sizes, step_s: float, mem: float, xla_flops: float | 
 def timm_row(sizes: Sizes, peak: float | None, compile_model: bool) -> Row:
   """timm vit_base_patch16_224 (or the toy's equivalent), bf16 autocast, fused AdamW."""
   try:
+    # The converters' import path: a CUDA-built torchvision on a CPU torch fails on its ops.
+    from big_vision_lite.convert import torch_env  # pylint: disable=import-outside-toplevel
+    torch = torch_env.setup()
     import timm  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
   except Exception as e:  # noqa: BLE001 - a broken torch/torchvision install raises RuntimeError
     return Row("timm ViT (torch)", note=f"skipped: timm does not import ({type(e).__name__}: "
                                         f"{str(e).splitlines()[0][:120]})")
