@@ -33,6 +33,15 @@ def uninstall() -> None:
   _state.update(installed=False, saving=None, previous={})
 
 
+def ignore_after_run() -> None:
+  """The run has ended (done, preempted or failed) and its result is out: from now on SIGTERM/SIGINT
+  are ignored while the process exits. Python's finalization would put back their default action,
+  so a signal in the seconds JAX and the input workers take to shut down would end a finished run
+  with -15 instead of its exit status; an ignored signal keeps that status."""
+  for sig in EXIT_CODES:
+    signal.signal(sig, signal.SIG_IGN)
+
+
 def installed() -> bool:
   return bool(_state["installed"])
 

@@ -99,8 +99,10 @@ def main(argv: Sequence[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
   try:
     return _main(argv, hooks)
   finally:
-    if argv is not None:  # an in-process caller gets its handlers back; the CLI keeps ours to the end
+    if argv is not None:  # an in-process caller gets its handlers back
       signals.uninstall()
+    else:  # the command line: its exit status stands, whatever arrives while the process exits
+      signals.ignore_after_run()
 
 
 def _main(argv: Sequence[str] | None, hooks: Sequence[Hook]) -> int:

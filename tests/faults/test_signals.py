@@ -76,3 +76,23 @@ def test_group_sigterm_with_input_workers_saves_and_exits_75(start_cli, tmp_path
   assert ours[-1].startswith("preempted at step "), err[-3000:]
   step = int(ours[-1].split("at step ")[1].split(":")[0])
   assert steps_on_disk(tmp_path)[-1] == step >= 2
+
+
+def test_sigterm_while_a_finished_run_shuts_down_exits_0(start_cli, tmp_path):
+  # Python's finalization puts back the default action of handled signals: a SIGTERM in the
+  # seconds a finished run takes to shut down (input workers, JAX) used to kill it with -15.
+  proc = start_cli(tmp_path, "--config.input.num_workers=2")
+  for line in proc.stdout:
+    if line.startswith("{"):  # the result: the run is complete, its last checkpoint written
+      break
+  sent = 0
+  while proc.poll() is None and sent < 2000:
+    try:
+      proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+      break
+    sent += 1
+    time.sleep(0.002)
+  code, _, err = _finish(proc)
+  assert code == 0, (sent, err[-3000:])
+  assert sent > 0 and "Traceback" not in err, (sent, err[-3000:])
