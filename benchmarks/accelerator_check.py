@@ -55,7 +55,7 @@ import optax  # noqa: E402
 
 from big_vision_lite import contrastive_loss, flops  # noqa: E402
 from big_vision_lite.models import get_model  # noqa: E402
-from big_vision_lite.platform import attention_override  # noqa: E402
+from big_vision_lite import platform  # noqa: E402
 from big_vision_lite.platform.gpu import attention as gpu_attention  # noqa: E402
 
 GiB = 1024**3
@@ -110,7 +110,7 @@ def _time_jax_step(model: Any, batch: dict, loss_fn: Callable, sizes: Sizes, ini
   """(median step seconds, compiled bytes per device, XLA FLOPs of one step) for one train step."""
   tx = _adamw()
   rng = jax.random.PRNGKey(0)
-  with attention_override.attention_impl(attention):
+  with platform.override(attention=attention):
     params = jax.jit(lambda r: model.init(r, *init_args)["params"])(rng)
   opt_state = tx.init(params)
 
@@ -119,7 +119,7 @@ def _time_jax_step(model: Any, batch: dict, loss_fn: Callable, sizes: Sizes, ini
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  with attention_override.attention_impl(attention):
+  with platform.override(attention=attention):
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
   mem = compiled.memory_analysis()
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes

@@ -1,7 +1,7 @@
 """The trainer's CPU settings for the benchmark scripts, so their numbers are the trainer's.
 
 Each script prints `cpu_line()` first: the same code ranks differently against torch on
-different CPUs (RESULTS.md, round 10), so a number without its CPU cannot be compared.
+different CPUs (RESULTS.md, "vs timm on the AMD EPYC host"), so a number without its CPU cannot be compared.
 
 `python -m big_vision_lite.train` runs with glibc's defaults; `launch/cpu.sh` starts it with
 glibc keeping freed memory and the block cache preloaded (platform/cpu/memory.py,

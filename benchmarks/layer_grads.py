@@ -11,9 +11,9 @@ forward+backward: flax's `nn.LayerNorm`, `common.LayerNorm` on XLA
 
 Part 2 (skipped with --no-step) builds the trainer's ViT train step four times
 in one process, as in benchmarks/vs_pytorch.py: as the library builds it
-("ours"), with LayerNorm on XLA ("xla_ln", the code before round 8), with
+("ours"), with LayerNorm on XLA ("xla_ln", the code before the LayerNorm kernel), with
 flax's LayerNorm ("flax_ln"), and with flax's LayerNorm plus a plain `y + b`
-bias add ("flax_ln_plain_bias", the code before round 5). It runs them in
+bias add ("flax_ln_plain_bias", the code before bias gradients became matmuls). It runs them in
 blocks of 3 steps, `--rounds` times, and prints the median of each block's
 steps after its first, and ratios against "ours".
 """

@@ -278,7 +278,7 @@ def machine_state(torch_mod, size: int = 2048, repeats: int = 5) -> tuple[str, d
   """How fast this machine is right now: both frameworks' fp32 matmul and a memory copy.
 
   On a shared VM the same step can take 1.5-2x longer from one hour to the next, and not
-  alike for both frameworks (RESULTS.md, round 8), so each run records the state it ran in:
+  alike for both frameworks (RESULTS.md, "a LayerNorm kernel for XLA:CPU"), so each run records the state it ran in:
   ratios are compared across runs only where these numbers match. Returns the line and the
   matmul rates in FLOP/s ({"ours": jax's, "torch": torch's}).
   """

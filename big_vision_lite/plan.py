@@ -159,7 +159,6 @@ def plan(config, topology: str, memory_gib: float | None = None) -> dict[str, An
   import flax.linen as nn
   import jax
   from big_vision_lite import build, config as config_lib, distributed, flops, platform, sharding, train_step
-  from big_vision_lite.platform import attention_override
 
   impl = attention_impl_of(config)
   if impl == "splash" and parse_topology(topology)[0] == "cpu":
@@ -195,7 +194,7 @@ def plan(config, topology: str, memory_gib: float | None = None) -> dict[str, An
     # implementation is read while tracing.
     step = train_step.make_train_step(setup, config.grad_accum_steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules), \
-        attention_override.attention_impl(impl):
+        platform.override(attention=impl):
       lowered = step.lower(setup.abstract_state, abstract_batch)
       try:
         return lowered.compile()

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_vision_lite import models, sharding
-from big_vision_lite.platform import attention_override
+from big_vision_lite import models, platform, sharding
 from big_vision_lite.platform.gpu import attention as gpu
 from big_vision_lite.platform.tpu import attention as tpu
 
@@ -136,7 +135,7 @@ def _vit_jaxpr(impl: str, dtype_mm: str = "float32") -> str:
   model = models.get_model("vit", variant="mu/8", num_classes=4, dtype_mm=dtype_mm)
   image = jnp.zeros((2, 16, 16, 3), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
-  with attention_override.attention_impl(impl):
+  with platform.override(attention=impl):
     return str(jax.make_jaxpr(lambda p: model.apply(p, image))(params))
 
 
@@ -147,6 +146,6 @@ def test_model_attention_calls_the_selected_kernel():
   assert "pallas_call" not in xla
   assert _vit_jaxpr("splash").count("pallas_call") >= 1
   assert _vit_jaxpr("cudnn", "bfloat16") == _vit_jaxpr("xla", "bfloat16")
-  with pytest.raises(ValueError, match="not one of"):
-    with attention_override.attention_impl("flash"):
+  with pytest.raises(platform.PlatformConfigError, match="config.model.attention_impl: must be one of"):
+    with platform.override(attention="flash"):
       pass

@@ -9,7 +9,7 @@ import importlib
 
 __all__ = ["ATTENTION", "AUTO", "CPU_DOTS", "KEYS", "NORM", "Impl", "PlatformConfigError",
            "Settings", "attention", "check", "compiler_options", "configure", "decisions",
-           "layer_norm", "settings"]
+           "layer_norm", "override", "settings"]
 
 
 def __getattr__(name: str):

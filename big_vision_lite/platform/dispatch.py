@@ -4,11 +4,12 @@ key (config.model.attention_impl, config.model.norm_impl, config.platform.cpu_do
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,23 @@ def configure(config: Any = None, *, workdir: str | None = None, backend: str | 
   _decisions.clear()
   _dots_hint.clear()
   return _settings
+
+
+@contextlib.contextmanager
+def override(*, attention: str) -> Iterator[None]:
+  """Traces with `attention` (a key of ATTENTION, or 'auto') in place of the configured choice.
+
+  The implementation is read while a step is traced, so one process can compile the same
+  step with two of them and compare (`plan` prints splash against XLA attention).
+  """
+  global _settings
+  check("model.attention_impl", attention)
+  saved = _settings
+  _settings = dataclasses.replace(saved, attention=attention)
+  try:
+    yield
+  finally:
+    _settings = saved
 
 
 def settings() -> Settings:

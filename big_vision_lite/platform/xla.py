@@ -17,7 +17,7 @@ def sum_leading(g: Array, shape: tuple[int, ...]) -> Array:
 
   XLA:CPU lowers such a reduction over batch and length (a bias or LayerNorm-scale
   gradient) as a windowed column reduction: 11-12 ms for a (32, 197, 1536) tensor on
-  a 2-core machine, against ~1 ms as a matmul (benchmarks/RESULTS.md, round 5).
+  a 2-core machine, against ~1 ms as a matmul (benchmarks/RESULTS.md, "bias and LayerNorm gradients as matmuls").
   """
   size = math.prod(shape)
   rows = g.size // size

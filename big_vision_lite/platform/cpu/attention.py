@@ -3,7 +3,8 @@
 On CPU, XLA runs attention as separate batched matmuls (one thread per (batch, head) matmul)
 plus passes over the (B, H, L, L) logits and head-major transposes. The kernel does each
 (batch, head) block in cache on XLA's thread pool: at ViT-S/16 sizes the attention core's
-forward + backward is ~2.4x faster, the whole train step ~9% (benchmarks/RESULTS.md round 6).
+forward + backward is ~2.4x faster, the whole train step ~9% (benchmarks/RESULTS.md,
+"a fused attention kernel for XLA:CPU").
 
 The library is compiled on first use and cached (`build`). Without a compiler the
 dispatcher (big_vision_lite/platform) keeps the XLA path. The kernel and XLA's path differ by

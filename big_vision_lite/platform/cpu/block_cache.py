@@ -6,7 +6,8 @@ sometimes, and the heap grows to 3-4 blocks of temporaries (ViT-S/16 at batch 32
 resident), each growth step ~1.5-2.3x slower. The block cache serves aligned requests of 1 MiB
 and more (`BVL_BLOCK_CACHE_MIN_BYTES`) from mappings it keeps when they are freed, so a step
 reuses the previous step's pages: ViT-S then held 2 blocks (5.75 GB) and no step after the
-second faulted (benchmarks/RESULTS.md, round 11). A request of 64 MiB and more that finds no
+second faulted (benchmarks/RESULTS.md, "a block cache for XLA:CPU's large blocks"). A request
+of 64 MiB and more that finds no
 kept block while a live one would fit waits up to 20 ms for it to be freed
 (`BVL_BLOCK_CACHE_WAIT_MS`, `BVL_BLOCK_CACHE_WAIT_MIN_BYTES`): a loop that starts each step as
 soon as the last one's outputs are ready gets there just before XLA frees its temporaries.

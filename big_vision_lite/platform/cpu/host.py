@@ -1,6 +1,6 @@
 """Which CPU this host has: a one-line description for logs and benchmarks, and a signature for caches.
 
-The same code ranks differently on different CPUs (benchmarks/RESULTS.md, round 10: ViT
+The same code ranks differently on different CPUs (benchmarks/RESULTS.md, "vs timm on the AMD EPYC host": ViT
 training was 0.86-0.91x timm's on an Intel Xeon VM and 1.03-1.12x on an AMD EPYC one), and
 -march=native kernels or a measured peak are only valid for the CPU they came from, so each
 benchmark prints `describe()` and each cache of CPU-specific results keys on `signature()`.

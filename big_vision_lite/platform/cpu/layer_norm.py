@@ -3,7 +3,7 @@
 XLA:CPU runs LayerNorm's row statistics, normalisation and (in the backward) the scale and
 bias gradients as separate fusions with scalar minor-axis reductions. The kernel does 64 rows
 per task on XLA's thread pool in 16-float vectors and saves only each row's mean and 1/std
-for the backward (benchmarks/RESULTS.md round 8). Same math as `platform.xla.layer_norm`
+for the backward (benchmarks/RESULTS.md, "a LayerNorm kernel for XLA:CPU"). Same math as `platform.xla.layer_norm`
 (two-pass variance, float32), up to float rounding.
 
 Built and cached like the attention kernel (`build`). Without a compiler the dispatcher keeps
