@@ -5,6 +5,7 @@ of a training step and a forward.
                                     [--block 2] [--mode train|infer|both] [--res 224]
                                     [--attention_impl auto] [--norm_impl auto] [--cpu_dots auto]
                                     [--malloc default|keep|hugepages] [--big_vision PATH]
+                                    [--vs_xla]
 
 `--big_vision PATH` (a checkout of github.com/google-research/big_vision; nothing of it is
 copied here) adds its `big_vision/models/vit.py` Model with an optax step as big_vision's
@@ -12,6 +13,10 @@ train loop builds it (softmax cross-entropy, clip_by_global_norm(1.0), adamw), j
 jax's default compile options; without it, that side is skipped. Its utils.py imports
 tensorflow.io.gfile, which the model never calls: a stub stands in where TensorFlow is not
 installed.
+
+`--vs_xla` adds our same step built on the plain XLA path ("ours_xla": attention_impl=xla,
+norm_impl=xla, cpu_dots=ynnpack, jax's default emitter), timed in the same alternation: the
+ratio ours/ours_xla says whether the implementations `auto` chose pay on this host.
 
 Ours is the trainer's real step (train.build + make_train_step: forward, backward,
 grad clip, AdamW, metrics) and a jitted `model.apply` for the forward; timm's is
@@ -79,6 +84,10 @@ from big_vision_lite.platform.cpu import memory as host_memory  # noqa: E402
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
               "B": "vit_base_patch16_224"}
 CLASSES = 1000
+
+
+# The plain XLA path: no CPU kernel, jax's default dot emitter.
+XLA_PATH = {"attention_impl": "xla", "norm_impl": "xla", "cpu_dots": "ynnpack"}
 
 
 def _config(variant: str, batch: int) -> config_lib.ConfigDict:
@@ -296,7 +305,7 @@ def machine_state(torch_mod, size: int = 2048, repeats: int = 5) -> tuple[str, d
     del src, dst  # the buffers cannot close while arrays still view them
   line = (f"{size}^2 fp32 matmul: jax {jax_rate / 1e9:.0f} GFLOP/s, torch {torch_rate / 1e9:.0f} "
           f"GFLOP/s; memory copy {2 * nbytes / copy_s / 1e9:.1f} GB/s (read + write, numpy)")
-  return line, {"ours": jax_rate, "torch": torch_rate, "big_vision": jax_rate}
+  return line, {"ours": jax_rate, "torch": torch_rate, "big_vision": jax_rate, "ours_xla": jax_rate}
 
 
 def _best_s(fn: Callable[[], object], repeats: int) -> float:
@@ -368,6 +377,10 @@ def _report(label: str, batch: int, wall: dict[str, list[list[float]]],
   if "big_vision" in ips:
     print(f"    ratio ours/big_vision = {ips['ours'] / ips['big_vision']:.3f} by wall time, "
           f"{cpu_ips['ours'] / cpu_ips['big_vision']:.3f} by CPU time  (goal >= 1.3)")
+  if "ours_xla" in ips:
+    print(f"    ratio ours/ours_xla = {ips['ours'] / ips['ours_xla']:.3f} by wall time, "
+          f"{cpu_ips['ours'] / cpu_ips['ours_xla']:.3f} by CPU time  (goal: not below 1 by more "
+          f"than the noise)")
   return ips
 
 
@@ -387,6 +400,9 @@ def main() -> None:
                     help=f"our config's {key} (big_vision_lite/platform)")
   ap.add_argument("--big_vision", default="", metavar="PATH",
                   help="a big_vision checkout: also time its models/vit.py (skipped if unset)")
+  ap.add_argument("--vs_xla", action="store_true",
+                  help="also time our step on the plain XLA path (xla attention and LayerNorm, "
+                       "jax's default dots) beside the configured one")
   ap.add_argument("--malloc", default="default", choices=("keep", "hugepages", "default"),
                   help="'keep': large blocks cached and glibc keeps freed memory, as "
                        "launch/cpu.sh; 'hugepages': "
@@ -401,6 +417,9 @@ def main() -> None:
 
   impls = {k: getattr(args, k) for k in ("attention_impl", "norm_impl", "cpu_dots")}
   ours = Ours(args.variant, args.batch, args.infer_batch, args.res, modes, impls)
+  ours_options = platform.compiler_options()
+  ours_xla = (Ours(args.variant, args.batch, args.infer_batch, args.res, modes, XLA_PATH)
+              if args.vs_xla else None)
   theirs = Torch(args.variant, args.batch, args.infer_batch, args.res, modes)
   bv = (BigVision(args.big_vision, args.variant, args.batch, args.infer_batch, args.res, modes)
         if args.big_vision else None)
@@ -409,8 +428,11 @@ def main() -> None:
   print(bench_setup.cpu_line())
   print(thread_settings(theirs.torch))
   print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; {malloc}")
-  print(f"our config: {impls}; compiler_options {platform.compiler_options()}")
+  print(f"our config: {impls}; compiler_options {ours_options}")
   print("our compile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
+  if ours_xla is not None:
+    print(f"ours_xla config: {XLA_PATH}; compile time: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in ours_xla.compile_s.items()))
   if bv is not None:
     print(f"big_vision ({args.big_vision}) compile time: "
           + ", ".join(f"{k} {v:.1f} s" for k, v in bv.compile_s.items()))
@@ -423,7 +445,8 @@ def main() -> None:
     if mode not in modes:
       continue
     batch = args.batch if mode == "train" else args.infer_batch
-    sides = {"ours": ours, "torch": theirs, **({"big_vision": bv} if bv else {})}
+    sides = {"ours": ours, "torch": theirs, **({"big_vision": bv} if bv else {}),
+             **({"ours_xla": ours_xla} if ours_xla else {})}
     fns = {k: getattr(v, "train_step" if mode == "train" else "infer") for k, v in sides.items()}
     wall, cpu = _alternate(fns, args.steps, args.block, args.warmup)
     label = "train step (fwd+bwd+AdamW)" if mode == "train" else "forward only"

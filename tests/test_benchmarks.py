@@ -54,7 +54,8 @@ def test_vs_pytorch_prints_settings_times_and_ratios(tmp_path):
     (tmp_path / init).write_text("")
   (tmp_path / "big_vision" / "models" / "vit.py").write_text(FAKE_BIG_VISION_VIT)
   out = run("vs_pytorch.py", "--variant", "Ti", "--res", "32", "--batch", "2", "--infer_batch",
-            "2", "--steps", "2", "--block", "2", "--malloc", "keep", "--big_vision", str(tmp_path))
+            "2", "--steps", "2", "--block", "2", "--malloc", "keep", "--big_vision", str(tmp_path),
+            "--vs_xla")
   # The platform layer's choices come first (printed as the model is traced), then the header.
   lines = out.splitlines()
   head = next(i for i, line in enumerate(lines) if line.startswith("ViT-Ti/16 at 32px, 1000 classes, fp32"))
@@ -72,18 +73,21 @@ def test_vs_pytorch_prints_settings_times_and_ratios(tmp_path):
   assert all(float(x) > 0 for m in machine for x in m[1:])
   assert "train step (fwd+bwd+AdamW), batch 2" in out and "forward only, batch 2" in out
   # Per side and mode, 2 rounds of 2 steps: "a, b | c, d".
-  rounds = re.findall(r"^  (ours|torch|big_vision) +wall s by round: (.*)$", out, re.M)
-  assert [side for side, _ in rounds] == ["ours", "torch", "big_vision"] * 2
+  assert "ours_xla config: {'attention_impl': 'xla', 'norm_impl': 'xla', 'cpu_dots': 'ynnpack'}" in out
+  rounds = re.findall(r"^  (ours|torch|big_vision|ours_xla) +wall s by round: (.*)$", out, re.M)
+  assert [side for side, _ in rounds] == ["ours", "torch", "big_vision", "ours_xla"] * 2
   for _, times in rounds:
     assert len(re.findall(r"\d+\.\d+", times)) == 4
-  rates = re.findall(r"^    (ours|torch|big_vision) +\d+\.\d+ img/s .*;  (\d+) GFLOP/s = (\d+)% of "
-                     r"its matmul probe$", out, re.M)
-  assert len(rates) == 12 and all(int(g) >= 0 and int(p) >= 0 for _, g, p in rates), out
+  rates = re.findall(r"^    (ours|torch|big_vision|ours_xla) +\d+\.\d+ img/s .*;  (\d+) GFLOP/s = "
+                     r"(\d+)% of its matmul probe$", out, re.M)
+  assert len(rates) == 16 and all(int(g) >= 0 and int(p) >= 0 for _, g, p in rates), out
   ratios = re.findall(r"ratio ours/torch = (\d+\.\d+) by wall time, (\d+\.\d+) by CPU time", out)
   assert len(ratios) == 4 and all(float(w) > 0 and float(c) > 0 for w, c in ratios)
   assert len(re.findall(r"ratio ours/big_vision = \d+\.\d+ by wall time", out)) == 4
+  assert len(re.findall(r"ratio ours/ours_xla = \d+\.\d+ by wall time", out)) == 4
   rows = re.findall(r"^row: ViT-Ti/16 (train|infer) img/s ours [\d.]+, torch [\d.]+, "
-                    r"big_vision [\d.]+; ours/torch [\d.]+; ours/big_vision [\d.]+; CPU: .+$",
+                    r"big_vision [\d.]+, ours_xla [\d.]+; ours/torch [\d.]+; ours/big_vision [\d.]+; "
+                    r"ours/ours_xla [\d.]+; CPU: .+$",
                     out, re.M)
   assert rows == ["train", "infer"], out
   mem = re.search(r"^peak resident memory (\d+\.\d+) GiB(; block cache: (\d+) blocks mapped, "
