@@ -281,6 +281,19 @@ def test_value_range_numbers():
   np.testing.assert_allclose(out, [[[0, 0, 10]]])
 
 
+def test_value_range_is_the_float32_formula_bit_for_bit():
+  # (x - in_min) / (in_max - in_min) * (vmax - vmin) + vmin, each step rounded to float32, for
+  # every uint8 value and for float inputs: what a run trained before this op was rewritten saw.
+  for args in [(-1, 1, 0, 255), (0, 10, 51, 102), (0.5, -3, 0, 1)]:
+    vmin, vmax, in_min, in_max = (np.float32(a) for a in args)
+    for image in [np.arange(256, dtype=np.uint8).reshape(1, 256, 1),
+                  np.random.default_rng(0).normal(size=(4, 5, 3)).astype(np.float32)]:
+      want = vmin + ((image.astype(np.float32) - in_min) / (in_max - in_min)) * (vmax - vmin)
+      out = _apply(f"value_range({args[0]}, {args[1]}, {args[2]}, {args[3]})", {"image": image})["image"]
+      assert out.dtype == np.float32 and out.shape == image.shape
+      np.testing.assert_array_equal(out.view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
 # Label and dict ops.
 
 def test_onehot_numbers_and_errors():

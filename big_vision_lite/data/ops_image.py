@@ -328,16 +328,17 @@ def get_value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max
   if in_max == in_min:
     raise ValueError(f"preprocessing op 'value_range': in_min and in_max are both {in_min}")
 
-  def scale(image):
-    out = (image.astype(np.float32) - np.float32(in_min)) / np.float32(in_max - in_min)
-    out = np.float32(vmin) + out * np.float32(vmax - vmin)
-    if clip_values:
-      out = np.clip(out, min(vmin, vmax), max(vmin, vmax))
-    return out.astype(np.float32, copy=False)
-  # A uint8 image takes its values from a 256-entry table of the same float32 arithmetic:
-  # bitwise the same result, one gather instead of four passes with float temporaries.
-  table = scale(np.arange(256, dtype=np.uint8))
+  lo, hi = np.float32(min(vmin, vmax)), np.float32(max(vmin, vmax))
 
   def fn(image, rng):
-    return table[image] if image.dtype == np.uint8 else scale(image)
+    # (x - in_min) / (in_max - in_min) * (vmax - vmin) + vmin in float32, each step in place on
+    # one new array: 4 vector passes, no temporaries (a 256-entry table gather is ~4x slower).
+    out = image.astype(np.float32)
+    out -= np.float32(in_min)
+    out /= np.float32(in_max - in_min)
+    out *= np.float32(vmax - vmin)
+    out += np.float32(vmin)
+    if clip_values:
+      np.clip(out, lo, hi, out=out)
+    return out
   return image_op("value_range", key, fn)
