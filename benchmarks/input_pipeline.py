@@ -39,8 +39,10 @@ OURS_SIGLIP = ("decode|resize(224)|value_range(-1, 1)|tokenize(16, key='caption'
 WORDS = ("red green blue small large circle square triangle left right top bottom a the of on").split()
 
 
-def photo_jpeg(rng: np.random.Generator, h: int = 375, w: int = 500, quality: int = 90) -> bytes:
-  """A photo-like JPEG: smooth noise at 7 scales (1/f-like spectrum) plus fine grain."""
+def photo_jpeg(rng: np.random.Generator, h: int = 375, w: int = 500, quality: int = 90,
+               mode: str = "RGB") -> bytes:
+  """A photo-like JPEG: smooth noise at 7 scales (1/f-like spectrum) plus fine grain (also the
+  test images of tests/test_data_ops.py)."""
   img = np.zeros((h, w, 3), np.float32)
   for octave in range(1, 8):
     small = rng.standard_normal((2 ** octave + 1, 2 ** octave + 1, 3)).astype(np.float32)
@@ -48,7 +50,8 @@ def photo_jpeg(rng: np.random.Generator, h: int = 375, w: int = 500, quality: in
                      for c in range(3)], -1) * 0.75 ** octave
   img = (img - img.mean()) / img.std() * 45 + 120 + rng.standard_normal((h, w, 1)) * 5
   buf = io.BytesIO()
-  Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+  Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert(mode).save(buf, "JPEG",
+                                                                           quality=quality)
   return buf.getvalue()
 
 

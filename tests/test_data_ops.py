@@ -1,13 +1,19 @@
 """Tests for the preprocessing-op registry, parser and ops, each against a small NumPy / hand reference."""
 
 import io
+import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from big_vision_lite.data import ops, randaug
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import input_pipeline  # noqa: E402  (benchmarks/: its photo-like JPEG generator)
 from big_vision_lite.data.ops import get_preprocess_fn
 
 
@@ -432,17 +438,8 @@ def test_bad_content_is_a_bad_example_for_the_pipeline_policy():
 
 
 def _photo_jpeg(seed: int, h: int, w: int, mode: str = "RGB") -> bytes:
-  """A photo-like JPEG (smooth multi-scale noise plus grain), quality 90."""
-  rng = np.random.default_rng(seed)
-  img = np.zeros((h, w, 3), np.float32)
-  for octave in range(1, 8):
-    small = rng.standard_normal((2 ** octave + 1, 2 ** octave + 1, 3)).astype(np.float32)
-    img += np.stack([np.asarray(Image.fromarray(small[..., c].copy()).resize((w, h), Image.BICUBIC))
-                     for c in range(3)], -1) * 0.75 ** octave
-  img = (img - img.mean()) / img.std() * 45 + 120 + rng.standard_normal((h, w, 1)) * 5
-  buf = io.BytesIO()
-  Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert(mode).save(buf, "JPEG", quality=90)
-  return buf.getvalue()
+  """The input-pipeline benchmark's photo-like JPEG (quality 90)."""
+  return input_pipeline.photo_jpeg(np.random.default_rng(seed), h, w, mode=mode)
 
 
 @pytest.mark.parametrize("mode,size", [("RGB", (375, 500)), ("L", (300, 200)), ("RGB", (40, 30))])

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 from big_vision_lite import platform, sharding
 from big_vision_lite.registry import Registry
 from big_vision_lite.config import ConfigError
+from big_vision_lite.data import pipeline
 
 EVALUATORS = Registry("evaluator", "big_vision_lite.evaluators")
 
@@ -38,6 +39,25 @@ class Evaluator:
     self.log_steps = int(config.get("log_steps", 0))
     self.total_steps = total_steps
     self.workdir = workdir  # the trainer's; evaluators that write files (caption_samples) use it
+
+  def require(self, *keys: str) -> None:
+    """One ConfigError naming the first of `keys` missing from this evaluator's config."""
+    for key in keys:
+      if key not in self.config:
+        raise ConfigError(f"config.evals.{self.name}.{key}: missing")
+
+  def eval_data(self):
+    """The iterator over config.data preprocessed by config.pp, in this evaluator's batches."""
+    return pipeline.make_eval_iterator(self.config.data, self.config.pp,
+                                       global_batch_size=self.batch_size,
+                                       config_key=f"config.evals.{self.name}")
+
+  def predict_fn(self, key: str, needs: str):
+    """The task's predict function `key`; a ConfigError naming the task `needs` where it has none."""
+    fns = self.task.predict_fns()
+    if key not in fns:
+      raise ConfigError(f"config.evals.{self.name}.type: {self.config.type} needs task {needs!r}")
+    return fns[key]
 
   def jit(self, fn):
     """jax.jit for an eval step: replicated outputs, the backend's compile options (platform)."""

@@ -8,7 +8,6 @@ import numpy as np
 
 from big_vision_lite import sharding
 from big_vision_lite.config import ConfigError
-from big_vision_lite.data import pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
 
 
@@ -22,16 +21,13 @@ class CaptionPerplexityEvaluator(Evaluator):
 
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
-    for key in ("data", "pp"):
-      if key not in config:
-        raise ConfigError(f"config.evals.{name}.{key}: missing")
+    self.require("data", "pp")
     fns = self.task.predict_fns()
     if "logits" not in fns or not hasattr(self.task, "pad_id"):
       raise ConfigError(f"config.evals.{name}.type: caption_perplexity needs task 'captioning'")
     from big_vision_lite.tasks.captioning import caption_loss
     predict, pad_id, text_key = fns["logits"], self.task.pad_id, self.task.text_key
-    self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
-                                            config_key=f"config.evals.{name}")
+    self.data = self.eval_data()
 
     def eval_step(params, batch):
       nll, count, correct = caption_loss(predict(params, batch), batch[text_key], pad_id)

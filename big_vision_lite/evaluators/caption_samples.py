@@ -11,7 +11,6 @@ import numpy as np
 
 from big_vision_lite import sharding, storage
 from big_vision_lite.config import ConfigError
-from big_vision_lite.data import pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
 
 
@@ -36,16 +35,13 @@ class CaptionSamplesEvaluator(Evaluator):
 
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
-    for key in ("data", "pp"):
-      if key not in config:
-        raise ConfigError(f"config.evals.{name}.{key}: missing")
+    self.require("data", "pp")
     if not hasattr(self.task, "generate"):
       raise ConfigError(f"config.evals.{name}.type: caption_samples needs task 'captioning'")
     self.num_samples = int(config.get("num_samples", 32))
     self.beam_size = int(config.get("beam_size", 1))
     self.out_dir = config.get("out_dir", None)
-    self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
-                                            config_key=f"config.evals.{name}")
+    self.data = self.eval_data()
     gen, key, beam = self.task.generate, self.task.image_key, self.beam_size
     self._step = self.jit(lambda params, batch: gen(params, batch[key], beam))
     self.runs = 0

@@ -7,9 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision_lite import losses, sharding
-from big_vision_lite.data import pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
-from big_vision_lite.config import ConfigError
 
 
 @EVALUATORS.register("classification")
@@ -20,12 +18,9 @@ class ClassificationEvaluator(Evaluator):
 
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
-    for key in ("data", "pp"):
-      if key not in config:
-        raise ConfigError(f"config.evals.{name}.{key}: missing")
+    self.require("data", "pp")
     predict = self.task.predict_fns()[config.get("predict", "predict")]
-    self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
-                                            config_key=f"config.evals.{name}")
+    self.data = self.eval_data()
 
     def eval_step(params, batch):
       logits = predict(params, batch)

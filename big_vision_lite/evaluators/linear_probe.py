@@ -63,8 +63,7 @@ class LinearProbeEvaluator(Evaluator):
     self.train = pipeline.make_eval_iterator(config.train_data, config.train_pp,
                                              global_batch_size=self.batch_size,
                                              config_key=f"config.evals.{name}.train_data")
-    self.test = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
-                                            config_key=f"config.evals.{name}")
+    self.test = self.eval_data()
     predict = self.task.predict_fns()[config.get("predict", "img_features")]
     self._step = self.jit(predict)
 

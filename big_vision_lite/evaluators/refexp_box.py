@@ -7,8 +7,6 @@ import jax
 import numpy as np
 
 from big_vision_lite import locca, sharding
-from big_vision_lite.config import ConfigError
-from big_vision_lite.data import pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
 
 
@@ -23,18 +21,12 @@ class RefExpBoxEvaluator(Evaluator):
 
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
-    for key in ("data", "pp"):
-      if key not in config:
-        raise ConfigError(f"config.evals.{name}.{key}: missing")
-    fns = self.task.predict_fns()
-    if "aref_box" not in fns:
-      raise ConfigError(f"config.evals.{name}.type: refexp_box needs task 'siglip2'")
+    self.require("data", "pp")
+    predict = self.predict_fn("aref_box", needs="siglip2")
     self.iou = float(config.get("iou", 0.5))
     self.num_examples = int(config.get("num_examples", 0))
-    self.data = pipeline.make_eval_iterator(config.data, config.pp,
-                                            global_batch_size=self.batch_size,
-                                            config_key=f"config.evals.{name}")
-    self._step = self.jit(fns["aref_box"])
+    self.data = self.eval_data()
+    self._step = self.jit(predict)
 
   def run(self, params):
     ious, valid = [], []

@@ -13,8 +13,6 @@ import jax
 import numpy as np
 
 from big_vision_lite import sharding
-from big_vision_lite.config import ConfigError
-from big_vision_lite.data import pipeline
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
 
 
@@ -53,12 +51,9 @@ class RetrievalEvaluator(Evaluator):
 
   def __init__(self, name, config, **kwargs):
     super().__init__(name, config, **kwargs)
-    for key in ("data", "pp"):
-      if key not in config:
-        raise ConfigError(f"config.evals.{name}.{key}: missing")
+    self.require("data", "pp")
     self.ks = tuple(int(k) for k in config.get("ks", (1, 5, 10)))
-    self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
-                                            config_key=f"config.evals.{name}")
+    self.data = self.eval_data()
     self._step = self.jit(self.task.predict_fns()["embed_both"])
 
   def run(self, params):

@@ -11,7 +11,7 @@ import numpy as np
 
 from big_vision_lite import sharding
 from big_vision_lite.config import ConfigError
-from big_vision_lite.data import ops as pp_ops, pipeline
+from big_vision_lite.data import ops as pp_ops
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
 from big_vision_lite.evaluators.retrieval import collect
 from big_vision_lite.evaluators.zero_shot import prompt_settings
@@ -39,8 +39,7 @@ class ScoringClassifierEvaluator(Evaluator):
     prompts = [t.format(c) for c in self.class_names for t in self.templates]
     self.class_tokens = np.stack([np.asarray(pp_txt({"texts": p}, None)[key]) for p in prompts])
     self._class_tokens = jax.device_put(self.class_tokens, sharding.replicated(self.mesh))
-    self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
-                                            config_key=f"config.evals.{name}")
+    self.data = self.eval_data()
     score = self.task.score_classes
     self._step = self.jit(lambda params, batch, toks: score(params, batch[self.task.image_key], toks))
 

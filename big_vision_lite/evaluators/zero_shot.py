@@ -7,7 +7,7 @@ import numpy as np
 
 from big_vision_lite import sharding
 from big_vision_lite.config import ConfigError
-from big_vision_lite.data import ops as pp_ops, pipeline
+from big_vision_lite.data import ops as pp_ops
 from big_vision_lite.evaluators import EVALUATORS, Evaluator
 from big_vision_lite.evaluators.retrieval import collect
 
@@ -57,8 +57,7 @@ class ZeroShotEvaluator(Evaluator):
     super().__init__(name, config, **kwargs)
     self.class_names, self.templates, self.label_key = prompt_settings(name, config)
     self.pp_txt = pp_ops.get_preprocess_fn(config.pp_txt)
-    self.data = pipeline.make_eval_iterator(config.data, config.pp, global_batch_size=self.batch_size,
-                                            config_key=f"config.evals.{name}")
+    self.data = self.eval_data()
     fns = self.task.predict_fns()
     self._img = self.jit(fns["embed_image"])
     self._txt = self.jit(fns["embed_text"])
