@@ -117,19 +117,11 @@ def tf_data(jpegs: list[bytes], cores: int, batch: int, n_batches: int) -> float
 
 
 def _import_torchvision_transforms():
-  """torchvision.transforms; past a torchvision whose C ops do not match the installed torch.
-
-  The pinned torchvision 0.28.0 fails to register its fake kernels (torchvision::nms) against
-  torch 2.13.0+cpu; the transforms used here are Python over PIL and need none of them.
-  """
-  import types
-  try:
-    import torchvision.transforms as T
-  except RuntimeError:
-    for name in [m for m in sys.modules if m.startswith("torchvision")]:
-      del sys.modules[name]
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-    import torchvision.transforms as T
+  """torchvision.transforms, through the converters' torch import (a CUDA-built torchvision
+  fails on its C ops under a CPU torch; the transforms used here are Python over PIL)."""
+  from big_vision_lite.convert import torch_env
+  torch_env.setup()
+  import torchvision.transforms as T
   return T
 
 
