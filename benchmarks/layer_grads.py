@@ -72,7 +72,7 @@ def pieces(rounds: int) -> None:
     np.testing.assert_allclose(red(g), mm(g), rtol=1e-4, atol=1e-3)
     for r in range(rounds):
       a, b = _time_ms(red, g), _time_ms(mm, g)
-      print(f"  bias grad, width {width:4d}, round {r}: {a:6.2f} / {b:6.2f}  ({a / b:.1f}x)")
+      print(f"  bias grad, width {width:4d}, round {r}: {a:6.2f} / {b:6.2f}  ({a / b:.2f}x)")
   x = jnp.asarray(rng.normal(size=(32, 197, 384)), jnp.float32)
   dy = jnp.asarray(rng.normal(size=(32, 197, 384)), jnp.float32)
   fns = {}

@@ -63,8 +63,8 @@ def test_flipped_bit_in_array_data_never_loads_silently(reference, tmp_path):
     _flip(victim, int(os.path.getsize(victim) * where), 3)
     try:
       flipped = _restore_unchecked(str(work), 8, setup.abstract_state)
-    except ValueError:
-      continue  # orbax/tensorstore noticed by itself
+    except Exception:  # noqa: BLE001 - tensorstore noticed by itself (a CRC, a zstd frame)
+      continue
     differs = [k for k in clean if not np.array_equal(clean[k], flipped[k])]
     ckpt = checkpoint.Checkpointer(str(work), save_interval_steps=4, async_save=False)
     if differs:
@@ -91,7 +91,7 @@ def test_corrupt_array_step_is_set_aside_and_previous_used(reference, tmp_path, 
     _flip(victim, int(os.path.getsize(victim) * where), 3)
     try:
       flipped = _restore_unchecked(str(work / "checkpoints"), 8, setup.abstract_state)
-    except ValueError:
+    except Exception:  # noqa: BLE001 - tensorstore noticed by itself (a CRC, a zstd frame)
       _flip(victim, int(os.path.getsize(victim) * where), 3)
       continue
     if any(not np.array_equal(clean[k], flipped[k]) for k in clean):
