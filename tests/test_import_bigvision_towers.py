@@ -96,6 +96,7 @@ def test_tensorstore_vit_and_errors(tmp_path, source):
   assert spec2.txt.max_len == L and spec2.txt.pool_type == "last" and spec2.has_bias
 
 
+@pytest.mark.slow  # ~1 min: import, then train from it
 def test_sincos2d_image_tower_imports_with_image_size(tmp_path):
   """SigLIP with a sincos2d image tower: --image_size gives the grid; the import equals the .npz as model_init."""
   kw = {**KW, "image": {**KW["image"], "posemb": "sincos2d"}}

@@ -6,6 +6,8 @@ import gzip
 import json
 import os
 
+import pytest
+
 from helpers import ROOT, assert_bitwise_equal, final_params
 
 from big_vision_lite import config as config_lib, train
@@ -22,6 +24,7 @@ def _train(workdir, *extra):
   assert code == 0
 
 
+@pytest.mark.slow  # ~1 min: two 12-step runs of the shipped config
 def test_shipped_config_traces_steps_10_to_12_and_trains_the_same(tmp_path, capsys):
   assert dict(config_lib.load_config(os.path.join(ROOT, TINY)).profile) == dict(start_step=10, num_steps=3)
   _train(tmp_path / "traced")

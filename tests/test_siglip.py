@@ -7,6 +7,7 @@ import flax
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from big_vision_lite import build, config as config_lib, models, pretrained, run, sharding
 
@@ -43,6 +44,7 @@ def _losses(workdir):
     return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
+@pytest.mark.slow  # ~1 min: a SigLIP training run with every evaluator
 def test_siglip_learns_and_evaluators_report(tmp_path):
   evals = dict(
       zs=dict(type="zero_shot", data=VAL, pp=f"{IMG_PP}|keep('image', 'label')",
@@ -62,8 +64,7 @@ def test_siglip_learns_and_evaluators_report(tmp_path):
   assert {"probe/1shot", "probe/5shot"} <= set(result)
 
 
-# Blocked by sharding.opt_state_shardings, which fails on optax.partition state (MaskedNode) whenever
-# config.frozen matches something; strict, so this turns red (remove the marker) once that is fixed.
+@pytest.mark.slow  # ~1 min: a ViT run, then LiT on its checkpoint
 def test_lit_loads_vit_into_img_and_keeps_it_frozen(tmp_path):
   # A plain ViT classifier checkpoint (big_vision .npz layout) to lock as the image tower.
   vit = models.get_model("vit", num_classes=10, **VIT)
