@@ -56,7 +56,7 @@ class TwoTowersDecoder(TwoTowers):
       for name, tokens in decoder_tokens.items():
         out[f"decoder/{name}"], _ = dec(dec_lib.shift_right(tokens), memory, train=train)
     elif self.is_initializing() and image is not None:
-      dec(jnp.zeros((image.shape[0], 1), jnp.int32), out["img/encoded"])  # create its params
+      dec(jnp.zeros((out["img/encoded"].shape[0], 1), jnp.int32), out["img/encoded"])  # create its params
     return zimg, ztxt, out
 
   # --- cached decoding (evaluation): encode, prefill with BOS, then extend / step.
