@@ -113,8 +113,10 @@ def _synthetic_record() -> dict:
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(
       buf, format="PNG")
   text = b"a photo of a red circle on a white background"
+  # Region annotations as tar shards carry them in KEY.json (ops_locca.json_regions).
+  regions = b'{"regions": [{"text": "a red circle", "box": [0.1, 0.2, 0.5, 0.6]}]}'
   return {"image": buf.getvalue(), "label": np.int64(0), "id": np.int64(0), "texts": text,
-          "text": text, "caption": text, "captions": text}
+          "text": text, "caption": text, "captions": text, "json": regions}
 
 
 def example_for(config) -> tuple[dict, str]:

@@ -130,3 +130,36 @@ def test_bad_input_is_one_clear_error():
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   with pytest.raises(ValueError, match="pool_type"):
     get_model("naflex_vit", pool_type="tok").init(jax.random.PRNGKey(0), _inputs(_images(0, [(2, 2)]), 4))
+
+
+def test_locca_decoder_does_not_see_the_padding():
+  """two_towers_decoder on a NaFlex tower: teacher-forced logits and cached decoding's prefill
+  are the same whatever the padding patches hold (the cross-attention is masked too)."""
+  tower = {k: v for k, v in KW.items() if k not in ("num_classes", "head_zeroinit")}
+  model = get_model("two_towers_decoder", image_model="naflex_vit",
+                    image=dict(posemb_grid=G, **tower),
+                    text=dict(width=32, depth=1, mlp_dim=64, num_heads=4, vocab_size=16),
+                    out_dim=16, decoder=dict(depth=1, mlp_dim=64, num_heads=4), vocab_size=20,
+                    max_len=6)
+  patches, mask, shapes = _inputs(_images(0, [(3, 5), (6, 2)]), 20)
+  noisy = jnp.where(mask[..., None] > 0, patches, 50.0)
+  tokens = {"cap": jnp.asarray([[3, 4, 5, 1, 0, 0], [6, 7, 1, 0, 0, 0]], jnp.int32)}
+  params = nn.meta.unbox(
+      model.init(jax.random.PRNGKey(0), (patches, mask, shapes), None, tokens)["params"])
+  # The logits layer starts at zero (any input gives 0): give it weights so a leak would show.
+  head = params["decoder"]["LogitsDense"]
+  params["decoder"]["LogitsDense"] = {**head, "kernel": jax.random.normal(
+      jax.random.PRNGKey(1), head["kernel"].shape)}
+  logits = [model.apply({"params": params}, (p, mask, shapes), None, tokens)[2]["decoder/cap"]
+            for p in (patches, noisy)]
+  np.testing.assert_array_equal(logits[0], logits[1])
+  firsts = []
+  for p in (patches, noisy):
+    memory = model.apply({"params": params}, (p, mask, shapes), method="encode")
+    first, _ = model.apply({"params": params}, memory, model.init_cache(2), mask,
+                           method="prefill")
+    firsts.append(first)
+  np.testing.assert_array_equal(firsts[0], firsts[1])
+  memory = model.apply({"params": params}, (noisy, mask, shapes), method="encode")
+  unmasked, _ = model.apply({"params": params}, memory, model.init_cache(2), method="prefill")
+  assert not np.allclose(unmasked, firsts[0])  # without the mask the padding leaks in

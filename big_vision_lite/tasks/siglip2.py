@@ -98,11 +98,12 @@ class SigLIP2(Contrastive):
   def _apply(self, params, *args, method: str):
     return self.model.apply({"params": params}, *args, method=method)
 
-  def complete(self, params, images: jax.Array, prompt: jax.Array, length: int) -> jax.Array:
+  def complete(self, params, images, prompt: jax.Array, length: int) -> jax.Array:
     """Greedy continuation (B, length) of the decoder prompt (B, P) on each image (KV cache)."""
     memory = self._apply(params, images, method="encode")
     cache = self.model.init_cache(memory.shape[0])
-    _, cache = self._apply(params, memory, cache, method="prefill")
+    mask = images[1] if isinstance(images, tuple) else None  # NaFlex: its padding is no image
+    _, cache = self._apply(params, memory, cache, mask, method="prefill")
     logits, cache = self._apply(params, prompt, cache, method="extend")
     step = lambda c, t: self._apply(params, t, c, method="step")
     return decoding.greedy(logits[:, -1], cache, step, max_len=length, eos_id=self.tokenizer.eos_id,
