@@ -20,8 +20,11 @@
 # Expected (published, big_vision's README_siglip2, after the full recipe incl. the late losses):
 # SigLIP 2 B/16 at 256 px, 79.1% ImageNet zero-shot, COCO T->I 53.2 / I->T 69.7. This recipe has
 # NOT been run at scale here (no accelerator data): it is built abstractly at full size
-# (tests/test_configs.py), AOT-planned for v5e:16x16 (tests/test_recipes_run.py, with libtpu),
-# and trains 3 steps at mu/8 on stand-in tar shards in the tests.
+# (tests/test_configs.py; 827M params with the decoder's 257k-token embeddings), trains 3 steps
+# at mu/8 on stand-in tar shards, and is AOT-planned with libtpu (tests/test_recipes_run.py):
+# on v5p:8x8x4 (256 chips, 128 examples each) 37.0 GiB per chip of 95 GiB (2026-12-01). On
+# v5e:16x16 it does not fit (28.6 GiB of temporaries > 15.75 GiB HBM: the decoder's logits over
+# the 257k vocabulary); the paper's 2048 v5e chips hold 16 examples each.
 # Args: variant, res, batch, steps, data=tar|array_record|<tfds name>, files, data_dir, split,
 # text_key, spm, vocab (its size), text_len, dec_depth, decoder_weight, bins, region_len,
 # budget (NaFlex token budget; 0: fixed res x res; configs/siglip2_b16_naflex.py sets 256).
@@ -32,12 +35,13 @@ from big_vision_lite.models.vit import VARIANTS
 from big_vision_lite.recipes import image_text_input
 
 EXAMPLES = 40_000_000_000  # the paper's training length
+VOCAB = 256_000  # the Gemma tokenizer's (also the size `plan` gives its stand-in tokenizer)
 
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="B/16", res=256, batch=32768, steps=0, epochs=0.0, data="tar",
                    files="", data_dir="", split="train", text_key="caption", spm="",
-                   vocab=256_000, text_len=64, dec_depth=6, decoder_weight=1.0, bins=1024,
+                   vocab=VOCAB, text_len=64, dec_depth=6, decoder_weight=1.0, bins=1024,
                    region_len=16, budget=0)
   name, _, patch = args.variant.partition("/")
   if not patch:

@@ -12,19 +12,22 @@
 # here (one compiled step), any budget at inference.
 # Expected (published, big_vision's README_siglip2): SigLIP 2 NaFlex B/16 at sequence length 256,
 # 78.5% ImageNet zero-shot, COCO T->I 51.1 / I->T 67.3. NOT run at scale here: built abstractly at
-# full size (tests/test_configs.py), AOT-planned for v5e:16x16 (tests/test_recipes_run.py, with
-# libtpu), and trains 3 steps at mu/8 on stand-in tar shards in the tests.
+# full size (tests/test_configs.py), trains 3 steps at mu/8 on stand-in tar shards, and is
+# AOT-planned for v5p:8x8x4 with libtpu (tests/test_recipes_run.py; as siglip2_b16).
 """SigLIP 2 NaFlex recipe: B/16, native aspect ratio in a 256-patch budget, LocCa decoder, batch 32k."""
 
 import importlib.util
 import os
 
 
+_spec = importlib.util.spec_from_file_location(
+    "siglip2_b16", os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip2_b16.py"))
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
+VOCAB = base.VOCAB
+
+
 def get_config(arg=None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip2_b16.py")
-  spec = importlib.util.spec_from_file_location("siglip2_b16", path)
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
   arg = arg or ""
   if "budget=" not in arg:
     arg = f"{arg},budget=256" if arg else "budget=256"

@@ -103,8 +103,8 @@ def test_recipe_trains_as_launched(recipe, standin, tmp_path):
 
 # Target topologies of the real recipes (the shapes recipes are planned on the local CPU mesh).
 PLANS = {"vit_i1k": "v5e:4x4", "vmoe_i1k": "v5e:4x4", "vmoe_i21k": "v5e:16x16", "siglip_b16": "v5e:16x16",
-         "cappa_b16": "v5e:16x16", "openvision2_l14": "v5e:16x16", "siglip2_b16": "v5e:16x16",
-         "siglip2_b16_naflex": "v5e:16x16"}
+         "cappa_b16": "v5e:16x16", "openvision2_l14": "v5e:16x16", "siglip2_b16": "v5p:8x8x4",
+         "siglip2_b16_naflex": "v5p:8x8x4"}
 
 
 @pytest.mark.parametrize("recipe", sorted(PLANS))
