@@ -28,7 +28,7 @@
 # Args: variant, res, batch, steps, data=tar|array_record|<tfds name>, files, data_dir, split,
 # text_key, spm, vocab (its size), text_len, dec_depth, decoder_weight, bins, region_len,
 # budget (NaFlex token budget; 0: fixed res x res; configs/siglip2_b16_naflex.py sets 256).
-"""SigLIP 2 recipe: B/16 at 256 (or NaFlex), text 64 tokens, LocCa decoder, batch 32k, 40B examples."""
+"""SigLIP 2 recipe: B/16 at 256 (or NaFlex), text 64, LocCa decoder, batch 32k, 40B examples."""
 
 from big_vision_lite.config import ConfigDict, ConfigError, parse_arg
 from big_vision_lite.models.vit import VARIANTS

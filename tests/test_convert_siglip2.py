@@ -61,3 +61,35 @@ def test_a_tower_with_a_projection_is_refused():
   flat = traverse_util.flatten_dict(params, sep="/")
   with pytest.raises(hf_siglip2.ConversionError, match="MAP head"):
     hf_siglip2.vision_spec(flat, num_heads=4)
+
+
+def test_siglip2_recipe_model_matches_siglip2_model():
+  """A SigLIP 2 NaFlex model (two_towers_decoder, as configs/siglip2_b16_naflex.py) exported to
+  Siglip2Model without its decoder: same embeddings and logits within 1e-4."""
+  from big_vision_lite.convert import towers
+  tower = {k: v for k, v in KW.items()}
+  model = get_model("two_towers_decoder", image_model="naflex_vit", image=tower,
+                    text=dict(width=64, depth=1, mlp_dim=128, num_heads=4, vocab_size=50,
+                              pool_type="last"),
+                    out_dim=(None, 64), decoder=dict(depth=1, mlp_dim=128, num_heads=4),
+                    vocab_size=60, max_len=8)
+  batch = _batch()
+  texts = np.random.default_rng(2).integers(0, 50, (4, 8)).astype(np.int32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch, texts,
+                                    {"cap": texts})["params"])
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  zimg, ztxt, out = model.apply({"params": params}, batch, texts)
+  logits = np.asarray(out["t"] * zimg @ ztxt.T + out["b"])
+
+  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+  vspec = hf_siglip2.vision_spec({k[4:]: v for k, v in flat.items() if k.startswith("img/")},
+                                 num_heads=4)
+  txt = towers.text_spec_from_params({k[4:]: v for k, v in flat.items() if k.startswith("txt/")},
+                                     pool_type="last")
+  hf = hf_siglip2.run_model(hf_siglip2.export_model(flat, vspec, txt, has_bias=True), *batch, texts)
+  for name, ours in (("zimg", zimg), ("ztxt", ztxt), ("logits", logits)):
+    ours = np.asarray(ours)
+    np.testing.assert_allclose(hf[name], ours, rtol=0, atol=1e-4 * max(np.abs(ours).max(), 1.0),
+                               err_msg=name)

@@ -61,7 +61,8 @@ def test_padding_cannot_change_the_output():
                          (jnp.where(mask[..., None] > 0, patches, noise), mask, shapes))
   np.testing.assert_array_equal(y, y2)
   valid = np.asarray(mask) > 0
-  np.testing.assert_array_equal(np.asarray(out["encoded"])[valid], np.asarray(out2["encoded"])[valid])
+  np.testing.assert_array_equal(np.asarray(out["encoded"])[valid],
+                                np.asarray(out2["encoded"])[valid])
   # A longer budget (more padding) gives the same numbers up to fp32 reassociation.
   y3, _ = model.apply({"params": params}, _inputs(images, 37))
   np.testing.assert_allclose(y3, y, rtol=1e-5, atol=1e-5 * float(jnp.abs(y).max()))
@@ -129,7 +130,8 @@ def test_bad_input_is_one_clear_error():
   with pytest.raises(ValueError, match="expects \\(patches"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   with pytest.raises(ValueError, match="pool_type"):
-    get_model("naflex_vit", pool_type="tok").init(jax.random.PRNGKey(0), _inputs(_images(0, [(2, 2)]), 4))
+    get_model("naflex_vit", pool_type="tok").init(jax.random.PRNGKey(0),
+                                                  _inputs(_images(0, [(2, 2)]), 4))
 
 
 def test_locca_decoder_does_not_see_the_padding():

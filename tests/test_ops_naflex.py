@@ -1,4 +1,5 @@
-"""The NaFlex preprocessing op: target size as transformers computes it, patch layout, mask, shape."""
+"""The NaFlex preprocessing op: target size as transformers computes it, patch layout, mask and
+spatial shape."""
 
 import numpy as np
 import pytest
@@ -49,7 +50,8 @@ def test_patchify_against_a_loop_reference():
   assert mask.tolist() == [1] * 15 + [0] * 5
   for i in range(3):
     for j in range(5):
-      np.testing.assert_array_equal(patches[i * 5 + j], image[4 * i:4 * i + 4, 4 * j:4 * j + 4].ravel())
+      np.testing.assert_array_equal(patches[i * 5 + j],
+                                    image[4 * i:4 * i + 4, 4 * j:4 * j + 4].ravel())
   assert not patches[15:].any()
 
 
@@ -69,7 +71,6 @@ def test_op_equals_siglip2_image_processor_at_its_target_size():
   """An image already at its target size is not resized by either side: same patches (layout,
   normalisation), same mask and spatial shape as transformers' Siglip2ImageProcessor."""
   hf = _hf_size_fn()
-  import torch  # noqa: F401
   from transformers import Siglip2ImageProcessor
   proc = Siglip2ImageProcessor(patch_size=16, max_num_patches=64)
   for h, w in [(128, 128), (64, 256), (208, 64)]:

@@ -1,5 +1,6 @@
-"""transformers `Siglip2VisionModel` <-> our NaFlex image tower (models/naflex_vit.py): the
-conversion table, the HF vision config and a runner for parity checks.
+"""transformers `Siglip2VisionModel` / `Siglip2Model` <-> our NaFlex image tower
+(models/naflex_vit.py) / a two_towers model with it: the conversion tables, the HF configs and
+runners for parity checks.
 
 The layouts coincide: the dense patch stem is HF's `patch_embedding` Linear on the same
 (dy, dx, channel)-flattened patches, the (G, G, D) posemb grid is HF's (G*G, D)
@@ -14,8 +15,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from big_vision_lite.convert import tables
-from big_vision_lite.convert.hf_siglip import HIDDEN_ACT, _block
+from big_vision_lite.convert import tables, towers
+from big_vision_lite.convert.hf_siglip import (HIDDEN_ACT, _block, hf_text_config, scale_bias,
+                                               text_table)
 from big_vision_lite.convert.tables import ConversionError, Table
 from big_vision_lite.convert.vit import ENC
 
@@ -62,7 +64,8 @@ def vision_table(spec: Mapping[str, int]) -> Table:
   att = "MAPHead_0/MultiHeadDotProductAttention_0"
   v.append(tables.same("MAPHead_0/probe", "head.probe"))
   v += tables.fused_heads_proj([f"{att}/query", f"{att}/key", f"{att}/value"],
-                               "head.attention.in_proj_weight", "head.attention.in_proj_bias", heads)
+                               "head.attention.in_proj_weight", "head.attention.in_proj_bias",
+                               heads)
   v += tables.attn_out(f"{att}/out", "head.attention.out_proj", heads)
   v += tables.layer_norm("MAPHead_0/LayerNorm_0", "head.layernorm")
   v += tables.dense("MAPHead_0/MlpBlock_0/Dense_0", "head.mlp.fc1")
@@ -95,3 +98,42 @@ def run_vision(model, patches: np.ndarray, mask: np.ndarray, shapes: np.ndarray
               pixel_attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
               spatial_shapes=torch.from_numpy(np.asarray(shapes, np.int64)))
   return dict(pooled=o.pooler_output.float().numpy(), encoded=o.last_hidden_state.float().numpy())
+
+
+def model_table(vspec: Mapping[str, int], txt: towers.TextSpec, has_bias: bool) -> Table:
+  """Rules for a two_towers model with a NaFlex `img` (out_dim=(None, D)) <-> Siglip2Model."""
+  return (tables.prefixed(vision_table(vspec), "img/", "vision_model.")
+          + tables.prefixed(text_table(txt), "txt/", "text_model.") + scale_bias(has_bias))
+
+
+def export_model(flat: Mapping[str, np.ndarray], vspec: Mapping[str, int], txt: towers.TextSpec,
+                 has_bias: bool, out: str | None = None, tok: Mapping[str, int] | None = None):
+  """The Siglip2Model holding both towers, `t` and `b` (saved to `out` if given). Params other
+  than the towers' (a LocCa `decoder/`, dropped after training) are left out."""
+  from big_vision_lite.convert import torch_env
+  torch = torch_env.setup()
+  import transformers
+  cfg = transformers.Siglip2Config(text_config=hf_text_config(txt, tok),
+                                   vision_config=hf_vision_config(vspec))
+  model = transformers.Siglip2Model(cfg).eval()
+  expect = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  kept = {k: v for k, v in tables.unscan(flat).items() if not k.startswith("decoder/")}
+  sd = tables.apply(model_table(vspec, txt, has_bias), kept, "to_theirs",
+                    what="transformers Siglip2 export", expect=expect)
+  model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+  if out:
+    model.save_pretrained(out)
+  return model
+
+
+def run_model(model, patches: np.ndarray, mask: np.ndarray, shapes: np.ndarray,
+              texts: np.ndarray) -> dict[str, np.ndarray]:
+  """Siglip2Model on ops_naflex's arrays and token ids: both embeddings and the logits."""
+  import torch
+  with torch.no_grad():
+    o = model(input_ids=torch.from_numpy(np.asarray(texts, np.int64)),
+              pixel_values=torch.from_numpy(np.asarray(patches, np.float32)),
+              pixel_attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
+              spatial_shapes=torch.from_numpy(np.asarray(shapes, np.int64)))
+  return dict(zimg=o.image_embeds.float().numpy(), ztxt=o.text_embeds.float().numpy(),
+              logits=o.logits_per_image.float().numpy())

@@ -97,7 +97,8 @@ class NaFlexViT(nn.Module):
                        "as naflex_patches writes them; got "
                        f"{getattr(image, 'shape', type(image).__name__)}")
     patches, mask, shapes = image
-    if patches.ndim != 3 or mask.shape != patches.shape[:2] or shapes.shape != (patches.shape[0], 2):
+    if (patches.ndim != 3 or mask.shape != patches.shape[:2]
+        or shapes.shape != (patches.shape[0], 2)):
       raise ValueError(f"NaFlexViT: patches {patches.shape}, mask {mask.shape} and shapes "
                        f"{shapes.shape} do not fit (B, N, p*p*C), (B, N), (B, 2)")
     if self.patch_size is not None:
