@@ -113,8 +113,10 @@ def _synthetic_record() -> dict:
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(
       buf, format="PNG")
   text = b"a photo of a red circle on a white background"
+  # Region annotations as tar shards carry them in KEY.json (ops_locca.json_regions).
+  regions = b'{"regions": [{"text": "a red circle", "box": [0.1, 0.2, 0.5, 0.6]}]}'
   return {"image": buf.getvalue(), "label": np.int64(0), "id": np.int64(0), "texts": text,
-          "text": text, "caption": text, "captions": text}
+          "text": text, "caption": text, "captions": text, "json": regions}
 
 
 def example_for(config) -> tuple[dict, str]:
@@ -320,6 +322,18 @@ def format_plan(p: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _recipe_vocab(path: str) -> int:
+  """The recipe's default vocabulary size: its module's VOCAB (siglip2_b16: Gemma's 256k), else
+  32,000 (big_vision's c4_en sentencepiece model, the other recipes' default)."""
+  import importlib.util
+  from big_vision_lite import recipes
+  path = path if os.path.isfile(path) else (recipes.recipe_path(path) or path)
+  module_spec = importlib.util.spec_from_file_location("bvl_plan_recipe", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return int(getattr(module, "VOCAB", 32_000))
+
+
 def load_for_plan(spec: str):
   """load_config(spec); a recipe that asks for its sentencepiece file gets a stand-in tokenizer of
   the recipe's vocabulary size instead: the compiled step depends on that size only."""
@@ -332,8 +346,7 @@ def load_for_plan(spec: str):
       raise
   path, _, arg = spec.partition(":")
   vocab = re.search(r"(?:^|,)\s*vocab\s*=\s*(\d+)", arg)
-  # The recipes' default vocabulary (big_vision's c4_en sentencepiece model has 32,000 pieces).
-  size = vocab.group(1) if vocab else "32000"
+  size = vocab.group(1) if vocab else str(_recipe_vocab(path))
   print(f"note: no spm= given; planning with the {STAND_IN_PREFIX}{size} tokenizer (shapes only)",
         file=sys.stderr, flush=True)
   return config_lib.load_config(f"{path}:{arg + ',' if arg else ''}spm={STAND_IN_PREFIX}{size}")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from typing import Sequence
@@ -57,15 +58,30 @@ def caption(rng: np.random.Generator) -> str:
   return " ".join(rng.choice(WORDS, size=int(rng.integers(3, 12))))
 
 
+def regions_json(rng: np.random.Generator) -> bytes:
+  """KEY.json with 1 to 3 regions (a few words, a box in [0, 1]), as ops_locca.json_regions reads."""
+  regions = []
+  for _ in range(int(rng.integers(1, 4))):
+    y0, x0 = rng.uniform(0, 0.5, 2)
+    y1, x1 = y0 + rng.uniform(0.1, 0.5), x0 + rng.uniform(0.1, 0.5)
+    regions.append({"text": " ".join(rng.choice(WORDS, size=int(rng.integers(1, 4)))),
+                    "box": [round(float(v), 4) for v in (y0, x0, y1, x1)]})
+  return json.dumps({"regions": regions}).encode()
+
+
 def write_tar_shards(directory: str, num_shards: int, per_shard: int, seed: int = 0) -> str:
-  """img2dataset-style shards (KEY.jpg + KEY.txt) in `directory`; returns their glob pattern."""
+  """img2dataset-style shards (KEY.jpg + KEY.txt, and KEY.json with regions) in `directory`;
+  returns their glob pattern. The regions come from their own rng: images and captions are
+  those of the same seed without them."""
   rng = np.random.default_rng(seed)
+  region_rng = np.random.default_rng([seed, 1])
   os.makedirs(directory, exist_ok=True)
   for s in range(num_shards):
     with tarfile.open(os.path.join(directory, f"{s:05d}.tar"), "w") as tar:
       for i in range(per_shard):
         key = f"{s:05d}{i:04d}"
-        for ext, data in (("jpg", jpeg(rng, 40 + i % 7, 56)), ("txt", caption(rng).encode())):
+        for ext, data in (("jpg", jpeg(rng, 40 + i % 7, 56)), ("txt", caption(rng).encode()),
+                          ("json", regions_json(region_rng))):
           info = tarfile.TarInfo(f"{key}.{ext}")
           info.size = len(data)
           tar.addfile(info, io.BytesIO(data))

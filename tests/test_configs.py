@@ -104,3 +104,36 @@ def test_image_text_input_reads_tar_or_tfds():
   args = config_lib.parse_arg("data=coco_captions,data_dir=/tfds,spm=/m.model", **defaults)
   assert image_text_input(args, 84).data.to_dict() == {"name": "coco_captions", "split": "train",
                                                       "data_dir": "/tfds"}
+
+
+@pytest.mark.parametrize("recipe", ["siglip2_b16", "siglip2_b16_naflex"])
+def test_siglip2_recipe_builds_at_full_size(recipe, tmp_path):
+  """The paper's shapes: B/16 towers at 256 image tokens (fixed 16 x 16, or NaFlex in a 256-patch
+  budget), text length 64 with a 256k vocabulary, batch 32k for 40B examples, the LocCa decoder."""
+  from big_vision_lite import plan
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("<pad>\n<eos>\n<unk>\nword\n")
+  config = config_lib.load_config(os.path.join(ROOT, "configs", f"{recipe}.py:spm={vocab},"
+                                               f"vocab=256000,files=/d/*.tar"))
+  with config.unlocked():
+    config.task.tokenizer = "stand-in:256000"  # the task checks the decoder vocabulary against it
+  config_lib.validate(config, num_devices=8)
+  assert config.input.batch_size == 32768 and config.total_steps == 40_000_000_000 // 32768
+  assert config.schedule.warmup_steps == 20_000 and config.model.max_len == 64
+  example, where = plan.example_for(config)  # no data here: a synthetic record through the pp
+  assert where.startswith("synthetic record")
+  setup = build.build(config, mesh=sharding.make_mesh(config.mesh), example=example)
+  params = setup.abstract_state["params"]
+  count = lambda tree: sum(np.prod(x.shape) for x in jax.tree.leaves(tree))
+  # B/16 encoder 85.8M + MAP head 7.1M; text: B encoder 85M + 256k x 768 embeddings (196.6M);
+  # decoder: 6 x 9.44M blocks + (256000 + 3 + 1024) x 768 embeddings in and out.
+  assert 92e6 < count(params["img"]) < 94e6, count(params["img"])
+  assert 281e6 < count(params["txt"]) < 284e6, count(params["txt"])
+  assert 450e6 < count(params["decoder"]) < 453e6, count(params["decoder"])
+  if recipe.endswith("naflex"):
+    assert example["image"].shape == (1, 256, 768) and example["image_shape"].tolist() == [[16, 16]]
+    assert params["img"]["pos_embedding"].shape == (16, 16, 768)
+    assert params["img"]["embedding"]["kernel"].shape == (768, 768)
+  else:
+    assert example["image"].shape == (1, 256, 256, 3)
+    assert params["img"]["pos_embedding"].shape == (1, 256, 768)

@@ -101,3 +101,35 @@ def test_locca_targets_refuses_a_caption_that_does_not_fit():
   ex["caption"] = " ".join(["a"] * 30)
   with pytest.raises(ValueError, match="caption .* more than 20"):
     _targets(ex)
+
+
+def test_json_regions_feed_locca_targets_as_shapes_regions_do():
+  """A tar shard's KEY.json regions give the same targets as the same regions of bvl_shapes_multi."""
+  import json
+  ex = shapes_multi.generate_example("train", 5)
+  ref = _targets(ex, rng=np.random.default_rng(0))
+  regions = ops.get_preprocess_fn("shapes_multi_regions")(ex)
+  raw = json.dumps({"regions": [{"text": t, "box": b.tolist()} for t, b in
+                                zip(regions["region_texts"], regions["region_boxes"])]})
+  got = ops.get_preprocess_fn("json_regions|locca_targets(32, 22, 3)")(
+      {"caption": ex["caption"], "json": raw.encode()}, np.random.default_rng(0))
+  for k in ("cap_tokens", "aref_tokens", "gcap_tokens", "aref_weights", "aref_box"):
+    np.testing.assert_array_equal(got[k], ref[k])
+
+
+@pytest.mark.parametrize("raw,match", [
+    (b"not json", "is not"), (b'{"regions": []}', "no regions"),
+    (b'{"regions": [{"text": "a", "box": [0, 0, 2, 1]}]}', r"in \[0, 1\]"),
+    (b'{"regions": [{"box": [0, 0, 1, 1]}]}', "is not")])
+def test_json_regions_refuses_bad_annotations(raw, match):
+  with pytest.raises(ValueError, match=match):
+    ops.get_preprocess_fn("json_regions")({"json": raw})
+
+
+def test_locca_targets_truncate_cuts_a_long_caption():
+  ex = shapes_multi.generate_example("train", 0)
+  ex["caption"] = " ".join(["a"] * 30)
+  out = ops.get_preprocess_fn("shapes_multi_regions|locca_targets(32, 22, 3, truncate=True)")(ex)
+  tok = get_tokenizer("bvl_shapes")
+  assert out["cap_tokens"][1:21].tolist() == tok.encode("a")[:1] * 20
+  assert out["cap_tokens"][21] == tok.eos_id

@@ -37,6 +37,11 @@ RUNS = {
                    ["--config.input.num_workers=0"], 3),
     "cappa_b16": ("variant=mu/8,res=32,batch=16,steps=3,files={tars},spm={spm},vocab=40,text_len=16,dec_depth=1",
                   ["--config.input.num_workers=0"], 3),
+    "siglip2_b16": ("variant=mu/8,res=32,batch=16,steps=3,files={tars},spm={spm},vocab=40,text_len=16,"
+                    "dec_depth=1,bins=8,region_len=6", ["--config.input.num_workers=0"], 3),
+    "siglip2_b16_naflex": ("variant=mu/8,res=32,budget=20,batch=16,steps=3,files={tars},spm={spm},"
+                           "vocab=40,text_len=16,dec_depth=1,bins=8,region_len=6",
+                           ["--config.input.num_workers=0"], 3),
     "openvision2_l14": ("variant=mu/8,res=32,batch=16,steps=3,files={tars},spm={spm},vocab=40,text_len=16,"
                         "dec_depth=1", ["--config.input.num_workers=0"], 3),
     # A class folder through bvl-make-dataset: 3 x 18 train images, one epoch at batch 16 -> 4 steps.
@@ -104,7 +109,8 @@ def test_recipe_trains_as_launched(recipe, standin, tmp_path):
 
 # Target topologies of the real recipes (the shapes recipes are planned on the local CPU mesh).
 PLANS = {"vit_i1k": "v5e:4x4", "vmoe_i1k": "v5e:4x4", "vmoe_i21k": "v5e:16x16", "siglip_b16": "v5e:16x16",
-         "cappa_b16": "v5e:16x16", "openvision2_l14": "v5e:16x16"}
+         "cappa_b16": "v5e:16x16", "openvision2_l14": "v5e:16x16", "siglip2_b16": "v5p:8x8x4",
+         "siglip2_b16_naflex": "v5p:8x8x4"}
 
 
 @pytest.mark.parametrize("recipe", sorted(PLANS))

@@ -45,16 +45,21 @@ def check_supported(spec: towers.TowersSpec) -> None:
                           "last token (use 'last')")
 
 
+def hf_text_config(txt: towers.TextSpec, tok: Mapping[str, int] | None = None) -> dict[str, Any]:
+  """(Siglip|Siglip2)TextConfig kwargs of our text tower."""
+  tok = dict(tok or {})
+  return dict(
+      vocab_size=txt.vocab_size, hidden_size=txt.width, intermediate_size=txt.mlp_dim,
+      num_hidden_layers=txt.depth, num_attention_heads=txt.num_heads, max_position_embeddings=txt.max_len,
+      projection_size=txt.num_classes or txt.width, hidden_act=HIDDEN_ACT, layer_norm_eps=txt.norm_eps,
+      pad_token_id=tok.get("pad", 0), eos_token_id=tok.get("eos", 1), bos_token_id=tok.get("bos", None))
+
+
 def hf_config(spec: towers.TowersSpec, tok: Mapping[str, int] | None = None) -> dict[str, Any]:
   """SiglipConfig kwargs reproducing our forward pass (GELU tanh form, our LayerNorm eps)."""
   img, txt = spec.img, spec.txt
-  tok = dict(tok or {})
   return dict(
-      text_config=dict(
-          vocab_size=txt.vocab_size, hidden_size=txt.width, intermediate_size=txt.mlp_dim,
-          num_hidden_layers=txt.depth, num_attention_heads=txt.num_heads, max_position_embeddings=txt.max_len,
-          projection_size=txt.num_classes or txt.width, hidden_act=HIDDEN_ACT, layer_norm_eps=txt.norm_eps,
-          pad_token_id=tok.get("pad", 0), eos_token_id=tok.get("eos", 1), bos_token_id=tok.get("bos", None)),
+      text_config=hf_text_config(txt, tok),
       vision_config=dict(
           hidden_size=img.width, intermediate_size=img.mlp_dim, num_hidden_layers=img.depth,
           num_attention_heads=img.num_heads, num_channels=img.in_chans, image_size=img.image_size[0],
@@ -96,6 +101,12 @@ def table(spec: towers.TowersSpec) -> Table:
   v += tables.dense("MAPHead_0/MlpBlock_0/Dense_0", "head.mlp.fc1")
   v += tables.dense("MAPHead_0/MlpBlock_0/Dense_1", "head.mlp.fc2")
 
+  return (tables.prefixed(v, "img/", "vision_model.")
+          + tables.prefixed(text_table(txt), "txt/", "text_model.") + scale_bias(spec.has_bias))
+
+
+def text_table(txt: towers.TextSpec) -> Table:
+  """Rules for the text tower's unscanned params <-> (Siglip|Siglip2)TextModel's keys."""
   t: Table = [tables.same("Embed_0/embedding", "embeddings.token_embedding.weight"),
               tables.reshaped("pos_embedding", "embeddings.position_embedding.weight",
                               lambda s: (1, *s), lambda s: s[1:])]
@@ -107,11 +118,14 @@ def table(spec: towers.TowersSpec) -> Table:
   else:  # HF always projects: an identity head gives our pooled width.
     t += [tables.constant("head.weight", np.eye(txt.width, dtype=np.float32), "identity (no txt/head)"),
           tables.constant("head.bias", np.zeros(txt.width, np.float32), "identity (no txt/head)")]
+  return t
 
-  rest: Table = [tables.same("t", "logit_scale")]  # t is already a log, as logit_scale.
-  rest.append(tables.same("b", "logit_bias") if spec.has_bias
-              else tables.constant("logit_bias", np.zeros(1, np.float32), "zero bias (run without b)"))
-  return (tables.prefixed(v, "img/", "vision_model.") + tables.prefixed(t, "txt/", "text_model.") + rest)
+
+def scale_bias(has_bias: bool) -> Table:
+  """`t` and `b` <-> logit_scale and logit_bias (t is already a log, as logit_scale)."""
+  return [tables.same("t", "logit_scale"),
+          tables.same("b", "logit_bias") if has_bias
+          else tables.constant("logit_bias", np.zeros(1, np.float32), "zero bias (run without b)")]
 
 
 def create_model(spec: towers.TowersSpec, tok: Mapping[str, int] | None = None):

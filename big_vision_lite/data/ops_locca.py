@@ -3,6 +3,8 @@ attribute dropout, and the cap / aref / gcap token sequences."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from big_vision_lite import locca
@@ -64,6 +66,31 @@ def get_shapes_multi_caption(keep_prob: float = 0.5, key_result: str = "caption"
   return op
 
 
+@OPS.register("json_regions")
+def get_json_regions(key: str = "json") -> Op:
+  """Regions of an image-text example (e.g. a tar shard's KEY.json, pseudo-annotations as
+  LocCa and SigLIP 2 use): `{"regions": [{"text": str, "box": [ymin, xmin, ymax, xmax]}, ...]}`
+  with box coordinates in [0, 1] -> `region_texts` and `region_boxes`, as
+  shapes_multi_regions writes them for `locca_targets`."""
+  def op(example: Example, rng=None) -> Example:
+    raw = get_key(example, key, "json_regions")
+    try:
+      regions = json.loads(_text(raw))["regions"]
+      texts = [str(r["text"]) for r in regions]
+      boxes = np.asarray([r["box"] for r in regions], np.float32).reshape(len(regions), 4)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"json_regions: {key!r} is not {{'regions': [{{'text', 'box'}}...]}} "
+                       f"({type(e).__name__}: {e})") from None
+    if not texts:
+      raise ValueError(f"json_regions: {key!r} has no regions")
+    if (boxes < 0).any() or (boxes > 1).any():
+      raise ValueError(f"json_regions: boxes must be in [0, 1], got {boxes.tolist()}")
+    out = dict(example)
+    out["region_texts"], out["region_boxes"] = texts, boxes
+    return out
+  return op
+
+
 def _text(value) -> str:
   if isinstance(value, np.ndarray) and value.ndim == 0:
     value = value.item()
@@ -72,19 +99,22 @@ def _text(value) -> str:
 
 @OPS.register("locca_targets")
 def get_locca_targets(bins: int, cap_len: int, region_len: int, model: str = "bvl_shapes",
-                      caption_key: str = "caption") -> Op:
+                      caption_key: str = "caption", truncate: bool = False) -> Op:
   """Writes the three LocCa sequences (locca.py) of an example with `caption_key`,
   `region_texts` and `region_boxes`: `{cap,aref,gcap}_tokens` (int32) and `..._weights`
   (float32, 1 where scored), cap of length `cap_len`, aref and gcap of `2 + region_len + 4`
   (task token, expression padded to `region_len` tokens or box, target, eos); and the chosen
   region's box `aref_box` (4,) float32. The region is drawn with the op's rng (evaluation's
-  is fixed per example), one for both aref and gcap."""
+  is fixed per example), one for both aref and gcap. A caption or expression longer than its
+  room is an error, or with `truncate` (web captions) cut to it."""
   tok = get_tokenizer(model)
   vocab = locca.Vocab(tok.vocab_size, bins)
   seq_len = 2 + region_len + locca.BOX_TOKENS
 
   def ids(text: str, limit: int, what: str) -> list[int]:
     out = tok.encode(text)
+    if truncate:
+      return out[:limit]
     if len(out) > limit:
       raise ValueError(f"locca_targets: {what} {text!r} has {len(out)} tokens, more than {limit}")
     return out

@@ -252,12 +252,16 @@ class MAPHead(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    """x (B, N, D) -> (B, D); `mask` (B, N) bool, True on the tokens the probe may attend to."""
     n, _, d = x.shape
     probe = self.param("probe", part(nn.initializers.xavier_uniform(), (None, None, "embed")),
                        (1, 1, d), jnp.float32)
     probe = jnp.tile(probe, [n, 1, 1])
-    x = MultiHeadDotProductAttention(num_heads=self.num_heads, dtype_mm=self.dtype_mm)(probe, x)
+    if mask is not None:
+      mask = mask[:, None, None, :]  # (B, heads, queries, keys)
+    x = MultiHeadDotProductAttention(num_heads=self.num_heads, dtype_mm=self.dtype_mm)(
+        probe, x, mask)
     y = layer_norm(self.norm_eps)(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype_mm=self.dtype_mm)(y)
     return x[:, 0]

@@ -118,7 +118,8 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, memory: Array | None = None, cache: dict | None = None,
-               index: Array | None = None, deterministic: bool = True) -> tuple[Array, dict]:
+               index: Array | None = None, deterministic: bool = True,
+               cross_mask: Array | None = None) -> tuple[Array, dict]:
     new_cache = {}
     bias = self.use_bias
     y = layer_norm(self.norm_eps, name="LayerNorm1", use_bias=bias)(x)
@@ -131,7 +132,7 @@ class DecoderBlock(nn.Module):
         raise ValueError("decoder: cross-attention needs the image tokens (memory) or a prefilled cache")
       y = layer_norm(self.norm_eps, name="LayerNorm2", use_bias=bias)(x)
       y, new_cache["cross"] = Attention(self.num_heads, self.dtype_mm, bias, name="CrossAttn")(
-          y, memory if cross_cache is None else None, None, cache=cross_cache)
+          y, memory if cross_cache is None else None, cross_mask, cache=cross_cache)
       x = x + nn.Dropout(rate=self.dropout)(y, deterministic)
     y = layer_norm(self.norm_eps, name="LayerNorm3", use_bias=bias)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm,
@@ -150,6 +151,8 @@ class Decoder(nn.Module):
   positions only. `parallel` (B,) bool: those examples get [MASK] inputs and a full
   (non-causal) mask (needs mask_token=True). With `cache` (see `init_cache`), `tokens`
   are written at cache["index"]; passing `prefix` then means a prefill from index 0.
+  `memory_mask` (B, M): the memory tokens cross-attention may see (NaFlex padding is not);
+  given at prefill, the cache keeps it for the later steps.
   """
   vocab_size: int = 32_000
   max_len: int = 64
@@ -170,8 +173,11 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, memory: Array | None = None, prefix: Array | None = None, *,
                parallel: Array | None = None, cache: dict | None = None,
-               train: bool = False) -> tuple[Array, dict | None]:
+               train: bool = False, memory_mask: Array | None = None) -> tuple[Array, dict | None]:
     dtype_mm = jnp.dtype(self.dtype_mm)
+    if memory_mask is None and cache is not None:
+      memory_mask = cache.get("memory_mask")
+    cross_mask = None if memory_mask is None else (jnp.asarray(memory_mask) > 0)[:, None, None, :]
     b, l = tokens.shape
     if parallel is not None:
       if not self.mask_token:
@@ -217,7 +223,8 @@ class Decoder(nn.Module):
       x, c = DecoderBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
                           cross=self.cross, dtype_mm=dtype_mm, norm_eps=self.norm_eps,
                           use_bias=self.use_bias, name=f"EncDecBlock{i}")(
-          x, mask, memory, None if cache is None else cache["layers"][i], index, not train)
+          x, mask, memory, None if cache is None else cache["layers"][i], index, not train,
+          cross_mask)
       new_layers.append(c)
     x = layer_norm(self.norm_eps, name="LayerNorm")(x[:, p_in:])
     # DenseGeneral, not nn.Dense (same params): its bias gradient over (batch, length)
@@ -228,7 +235,10 @@ class Decoder(nn.Module):
     logits = logits.astype(jnp.float32)
     if cache is None:
       return logits, None
-    return logits, {"index": index + seq, "layers": new_layers}
+    new_cache = {"index": index + seq, "layers": new_layers}
+    if memory_mask is not None:
+      new_cache["memory_mask"] = memory_mask
+    return logits, new_cache
 
 
 def init_cache(batch_size: int, total_len: int, *, width: int, depth: int, num_heads: int,

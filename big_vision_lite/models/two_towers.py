@@ -48,7 +48,7 @@ class TwoTowers(nn.Module):
     zimg = ztxt = None
     if image is not None:
       kw = {"num_classes": dims[0], **dict(self.image or {})}
-      if self.image_model == "vit":
+      if self.image_model in ("vit", "naflex_vit"):
         # A zero-init projection would give all-zero embeddings (undefined direction).
         kw.setdefault("head_zeroinit", False)
       zimg, out_img = MODELS.get(self.image_model)(name="img", **kw)(image, train=train)

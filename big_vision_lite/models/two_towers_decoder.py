@@ -41,22 +41,26 @@ class TwoTowersDecoder(TwoTowers):
   @nn.compact
   def __call__(self, image: jax.Array | None, text: jax.Array | None = None,
                decoder_tokens: dict[str, jax.Array] | None = None, *, train: bool = False,
-               memory: jax.Array | None = None, cache: dict | None = None):
+               memory: jax.Array | None = None, cache: dict | None = None,
+               memory_mask: jax.Array | None = None):
     """With `cache` (cached decoding): `decoder_tokens` are raw decoder inputs (B, l) written at
-    the cache's index, `memory` the image tokens at prefill (None after); returns
-    (logits, cache)."""
+    the cache's index, `memory` the image tokens at prefill (None after) and `memory_mask`
+    their valid ones (NaFlex); returns (logits, cache)."""
     dec = dec_lib.Decoder(cross=True, mask_token=False, name="decoder", **self._dec_kw())
     if cache is not None:
-      return dec(decoder_tokens, memory, cache=cache)
+      return dec(decoder_tokens, memory, cache=cache, memory_mask=memory_mask)
     zimg, ztxt, out = super().__call__(image, text, train=train)
     if decoder_tokens is not None:
       if image is None:
         raise ValueError("two_towers_decoder: decoder tokens need the image")
       memory = out["img/encoded"]
+      # A NaFlex tower's padding tokens are no image: the decoder must not see them either.
+      memory_mask = out.get("img/mask")
       for name, tokens in decoder_tokens.items():
-        out[f"decoder/{name}"], _ = dec(dec_lib.shift_right(tokens), memory, train=train)
+        out[f"decoder/{name}"], _ = dec(dec_lib.shift_right(tokens), memory, train=train,
+                                        memory_mask=memory_mask)
     elif self.is_initializing() and image is not None:
-      dec(jnp.zeros((image.shape[0], 1), jnp.int32), out["img/encoded"])  # create its params
+      dec(jnp.zeros((out["img/encoded"].shape[0], 1), jnp.int32), out["img/encoded"])  # create its params
     return zimg, ztxt, out
 
   # --- cached decoding (evaluation): encode, prefill with BOS, then extend / step.
@@ -70,10 +74,13 @@ class TwoTowersDecoder(TwoTowers):
     return dec_lib.init_cache(batch_size, self.max_len, width=kw["width"], depth=kw["depth"],
                               num_heads=kw["num_heads"], dtype_mm=kw.get("dtype_mm", "float32"))
 
-  def prefill(self, image_tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-    """Logits (B, V) of the first token after BOS, and the cache holding the image keys."""
+  def prefill(self, image_tokens: jax.Array, cache: dict,
+              memory_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Logits (B, V) of the first token after BOS, and the cache holding the image keys (and
+    `memory_mask`, the valid ones of a NaFlex tower's tokens)."""
     bos = jnp.zeros((image_tokens.shape[0], 1), jnp.int32)
-    logits, cache = self(None, None, bos, memory=image_tokens, cache=cache)
+    logits, cache = self(None, None, bos, memory=image_tokens, cache=cache,
+                         memory_mask=memory_mask)
     return logits[:, -1], cache
 
   def extend(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:

@@ -64,5 +64,13 @@ class Task:
                        f"(it has {sorted(batch)}); fix the preprocessing string")
 
 
+def image_input(batch: Batch, key: str = "image") -> Any:
+  """The image model's input: `batch[key]`, or, for NaFlex batches (ops_naflex writes
+  `<key>_mask` and `<key>_shape`), the tuple (patches, mask, spatial shape) naflex_vit takes."""
+  if f"{key}_mask" in batch:
+    return (batch[key], batch[f"{key}_mask"], batch[f"{key}_shape"])
+  return batch[key]
+
+
 def get_task(config: ml_collections.ConfigDict, model: nn.Module) -> Task:
   return TASKS.get(config.name)(config, model)

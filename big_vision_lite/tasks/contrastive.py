@@ -13,7 +13,7 @@ import ml_collections
 
 from big_vision_lite import contrastive_loss
 from big_vision_lite.config import ConfigError
-from big_vision_lite.tasks import TASKS, Batch, Task
+from big_vision_lite.tasks import TASKS, Batch, Task, image_input
 
 LOSSES = ("sigmoid", "softmax")
 
@@ -35,12 +35,16 @@ class Contrastive(Task):
     self.text_key = config.get("text_key", "labels")
     self.required_keys = (self.image_key, self.text_key)
 
+  def images(self, batch: Batch) -> Any:
+    """The image tower's input (a NaFlex batch's patches, mask and shape; tasks.image_input)."""
+    return image_input(batch, self.image_key)
+
   def init_inputs(self, batch: Batch) -> tuple[Any, ...]:
-    return (batch[self.image_key], batch[self.text_key])
+    return (self.images(batch), batch[self.text_key])
 
   def loss(self, params, batch: Batch, rng: jax.Array):
     zimg, ztxt, out = self.model.apply(
-        {"params": params}, batch[self.image_key], batch[self.text_key], train=True,
+        {"params": params}, self.images(batch), batch[self.text_key], train=True,
         rngs={"dropout": rng})
     t = out["t/parameter"]
     metrics = {"t": out["t"]}
@@ -56,7 +60,7 @@ class Contrastive(Task):
 
   def predict_fns(self):
     def embed_image(params, batch):
-      zimg, _, _ = self.model.apply({"params": params}, batch[self.image_key], None, train=False)
+      zimg, _, _ = self.model.apply({"params": params}, self.images(batch), None, train=False)
       return zimg
 
     def embed_text(params, batch):
@@ -64,13 +68,13 @@ class Contrastive(Task):
       return ztxt
 
     def embed_both(params, batch):
-      zimg, ztxt, _ = self.model.apply({"params": params}, batch[self.image_key],
+      zimg, ztxt, _ = self.model.apply({"params": params}, self.images(batch),
                                        batch[self.text_key], train=False)
       return zimg, ztxt
 
     def img_features(params, batch):
       # Pooled image features before the projection head, for linear probes.
-      _, _, out = self.model.apply({"params": params}, batch[self.image_key], None, train=False)
+      _, _, out = self.model.apply({"params": params}, self.images(batch), None, train=False)
       return out["img/pre_logits"]
 
     return {"embed_image": embed_image, "embed_text": embed_text, "embed_both": embed_both,

@@ -67,12 +67,12 @@ class SigLIP2(Contrastive):
         f"{t}_{k}" for t in self.tasks for k in ("tokens", "weights"))
 
   def init_inputs(self, batch: Batch):
-    return (batch[self.image_key], batch[self.text_key],
+    return (self.images(batch), batch[self.text_key],
             {t: batch[f"{t}_tokens"] for t in self.tasks})
 
   def loss(self, params, batch: Batch, rng: jax.Array):
     zimg, ztxt, out = self.model.apply(
-        {"params": params}, batch[self.image_key], batch[self.text_key],
+        {"params": params}, self.images(batch), batch[self.text_key],
         {t: batch[f"{t}_tokens"] for t in self.tasks}, train=True, rngs={"dropout": rng})
     metrics = {"t": out["t"]}
     if self.loss_name == "softmax":
@@ -98,11 +98,12 @@ class SigLIP2(Contrastive):
   def _apply(self, params, *args, method: str):
     return self.model.apply({"params": params}, *args, method=method)
 
-  def complete(self, params, images: jax.Array, prompt: jax.Array, length: int) -> jax.Array:
+  def complete(self, params, images, prompt: jax.Array, length: int) -> jax.Array:
     """Greedy continuation (B, length) of the decoder prompt (B, P) on each image (KV cache)."""
     memory = self._apply(params, images, method="encode")
-    cache = self.model.init_cache(images.shape[0])
-    _, cache = self._apply(params, memory, cache, method="prefill")
+    cache = self.model.init_cache(memory.shape[0])
+    mask = images[1] if isinstance(images, tuple) else None  # NaFlex: its padding is no image
+    _, cache = self._apply(params, memory, cache, mask, method="prefill")
     logits, cache = self._apply(params, prompt, cache, method="extend")
     step = lambda c, t: self._apply(params, t, c, method="step")
     return decoding.greedy(logits[:, -1], cache, step, max_len=length, eos_id=self.tokenizer.eos_id,
@@ -114,13 +115,13 @@ class SigLIP2(Contrastive):
 
     def aref_box(params, batch):
       """The decoded box (B, 4) of each example's aref prompt, and whether it is well formed."""
-      out = self.complete(params, batch[self.image_key], batch["aref_tokens"][:, :p_aref],
+      out = self.complete(params, self.images(batch), batch["aref_tokens"][:, :p_aref],
                           locca.BOX_TOKENS)
       return locca.tokens_to_box(out, self.vocab)
 
     def gcap_tokens(params, batch):
       """The decoded expression tokens (B, region_len + 1) of each example's gcap box."""
-      return self.complete(params, batch[self.image_key], batch["gcap_tokens"][:, :p_gcap],
+      return self.complete(params, self.images(batch), batch["gcap_tokens"][:, :p_gcap],
                            self.region_len + 1)
 
     return {**fns, "aref_box": aref_box, "gcap_tokens": gcap_tokens}
