@@ -6,7 +6,8 @@
 ImageNet train preprocessing on ArrayRecord shards of photo-like JPEGs (smooth multi-scale noise
 plus grain, quality 90, generated deterministically): JPEG decode, inception crop (5-100% area,
 aspect 3/4..4/3), resize to 224, random flip, value range to [-1, 1] float32; batched. Each side
-gets the same number of CPU cores (1, 2, all), and prints images/s in total and per core:
+gets the same CPU cores (1, 2, all; the process and its workers pinned to them with
+sched_setaffinity), and prints images/s in total and per core:
 - ours: pipeline.make_train_iterator with `decode|inception_crop(224)|flip_lr|value_range(-1, 1)`
   and num_workers = cores (grain worker processes, batches in shared memory);
 - tf.data: what big_vision's pp ops build (decode_jpeg_and_inception_crop via
@@ -63,6 +64,22 @@ def write_shards(directory: str, n: int, shards: int, hw: tuple[int, int]) -> tu
   for s in range(shards):
     sources.write_array_record(os.path.join(directory, f"train-{s:05d}.array_record"), examples[s::shards])
   return os.path.join(directory, "train-*.array_record"), [e["image"] for e in examples]
+
+
+class _Pinned:
+  """Runs a measurement on the first `cores` CPUs only: this process, the threads it starts
+  (tf.data's pool) and the worker processes it spawns (grain, DataLoader) inherit the affinity,
+  so each side gets the cores its row names and no more."""
+
+  def __init__(self, cores: int):
+    self.cores = cores
+
+  def __enter__(self):
+    self.saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(self.saved)[:self.cores])
+
+  def __exit__(self, *exc):
+    os.sched_setaffinity(0, self.saved)
 
 
 def _rate(batches, batch: int, n_batches: int) -> float:
@@ -187,15 +204,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'preprocessing':9s} {'cores':>5s} {'ours img/s':>11s} {'/core':>7s} {'tf.data':>9s} "
           f"{'/core':>7s} {'torchvision':>11s} {'/core':>7s} {'ours/tf':>8s} {'ours/tv':>8s}")
     for cores in core_counts:
-      o = ours(files, OURS_TRAIN, cores, args.batch, args.batches)
-      t = tf_data(jpegs, cores, args.batch, args.batches)
-      v = torchvision_loader(files, cores, args.batch, args.batches)
+      with _Pinned(cores):
+        o = ours(files, OURS_TRAIN, cores, args.batch, args.batches)
+      with _Pinned(cores):
+        t = tf_data(jpegs, cores, args.batch, args.batches)
+      with _Pinned(cores):
+        v = torchvision_loader(files, cores, args.batch, args.batches)
       tf_cols = (f"{t:9.1f} {t / cores:7.1f}" if t else f"{'skipped':>9s} {'':>7s}")
       ratio_tf = f"{o / t:7.2f}x" if t else f"{'-':>8s}"
       print(f"{'train':9s} {cores:5d} {o:11.1f} {o / cores:7.1f} {tf_cols} {v:11.1f} {v / cores:7.1f} "
             f"{ratio_tf} {o / v:7.2f}x")
+    with _Pinned(1):  # what a worker process costs: the same preprocessing in the main process
+      inproc = ours(files, OURS_TRAIN, 0, args.batch, args.batches)
+    print(f"{'train':9s} {1:5d} {inproc:11.1f} {inproc:7.1f}   (ours with num_workers=0: in the "
+          f"main process, no worker)")
     for cores in core_counts:
-      o = ours(files, OURS_SIGLIP, cores, args.batch, args.batches)
+      with _Pinned(cores):
+        o = ours(files, OURS_SIGLIP, cores, args.batch, args.batches)
       print(f"{'siglip':9s} {cores:5d} {o:11.1f} {o / cores:7.1f}   (image-text: ours only)")
 
 
