@@ -31,7 +31,8 @@ TEMPLATES = ["a {}", "a small {}", "a medium {}", "a large {}"]
 
 def get_config(arg=None):
   args = parse_arg(arg, res=64, steps=2400, batch=128, width=64, depth=4, dec_depth=2, heads=4,
-                   patch=8, bins=32, decoder_weight=1.0, keep_prob=0.1, workers=1)
+                   patch=8, bins=32, decoder_weight=1.0, keep_prob=0.1, workers=1, sd_start=0.8,
+                   sd_weight=0.25, local_crops=4, prototypes=256)
   c = ConfigDict()
   c.seed = 0
   c.total_steps = args.steps
@@ -63,6 +64,12 @@ def get_config(arg=None):
       vocab_size=vocab, max_len=CAP_LEN)
   c.task = dict(name="siglip2", loss="sigmoid", chunked=True, decoder_weight=args.decoder_weight,
                 coord_bins=args.bins, region_len=REGION_LEN, tokenizer="bvl_shapes")
+  if args.sd_start < 1.0:  # sd_start=1 trains without the self-distillation phase
+    c.model.distill = dict(prototypes=args.prototypes)
+    # The paper's weights (1, 0.25; 0.25 the size factor of B, its smallest model); half-size
+    # local crops of 0.05 to 0.4 of the image, half the patches masked.
+    c.task.self_distill = dict(start_fraction=args.sd_start, weight=args.sd_weight,
+                               local_crops=args.local_crops, local_res=args.res // 2)
 
   c.optax_name = "adamw"
   c.lr = 1e-3
