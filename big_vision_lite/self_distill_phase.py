@@ -178,10 +178,8 @@ class Phase:
     itself at the phase's first step) and the centres' EMA; unchanged before the phase."""
     teacher = sd.ema(self.effective_teacher(task_state, params),
                      jax.lax.stop_gradient(teacher_of(new_params)), self.s.ema)
-    m = self.s.center_momentum
-    new = {"teacher": teacher,
-           "center_global": sd.center_update(task_state["center_global"], stats["center_global"], m),
-           "center_patch": sd.center_update(task_state["center_patch"], stats["center_patch"], m),
-           "ready": jnp.ones((), jnp.int32)}
+    centre = lambda k: sd.center_update(task_state[k], stats[k], self.s.center_momentum)
+    new = {"teacher": teacher, "center_global": centre("center_global"),
+           "center_patch": centre("center_patch"), "ready": jnp.ones((), jnp.int32)}
     on = self.is_on(step)
     return jax.tree.map(lambda n, o: jnp.where(on, n, o), new, task_state)
