@@ -81,6 +81,7 @@ def build(config: ml_collections.ConfigDict, mesh=None, example: dict | None = N
   example = example if example is not None else example_batch(config.input)
   task.check_batch(example, "config.input.pp")
   total_steps = total_steps_of(config)
+  init_task_state = lambda params: task.init_state(params, total_steps)
 
   def init_params(rng):
     variables = model.init({"params": rng, "dropout": rng}, *task.init_inputs(example))
@@ -103,11 +104,15 @@ def build(config: ml_collections.ConfigDict, mesh=None, example: dict | None = N
       "step": repl,
       "rng": repl,
   }
+  if jax.eval_shape(init_task_state, abstract_params) is not None:
+    state_sh["task_state"] = task.state_shardings(params_sh, repl)
 
   def init_state(rng):
     params = nn.unbox(init_params(rng))
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": rng}
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": rng}
+    task_state = init_task_state(params)
+    return state if task_state is None else {**state, "task_state": task_state}
 
   abstract = jax.eval_shape(init_state, rng)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

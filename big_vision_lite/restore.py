@@ -19,18 +19,31 @@ def _restore_step(ckpt: checkpoint.Checkpointer, step: int, abstract_state: dict
                   data_iter: Any) -> tuple[dict, str | None]:
   """(state in the current layout, a note when the checkpoint had an older one or None)."""
   step_dir = ckpt.step_path(step)
+  # A task state (tasks/__init__.py) a checkpoint written before the task kept one lacks.
+  task_state = (f"{state_layouts.TASK_STATE}/",) if state_layouts.TASK_STATE in abstract_state else ()
   # An incomplete step folder: restore() says why, in its own words.
   if checkpoint.step_dir_problem(step_dir) is not None or not state_layouts.is_old_guard_layout(
       checkpoint.read_state_metadata(step_dir / checkpoint.STATE_ITEM)):
-    return ckpt.restore(step, abstract_state, data_iter), None
+    state = ckpt.restore(step, abstract_state, data_iter, zero_if_missing=task_state)
+    return state, _task_state_note(ckpt.zero_filled)
   old = ckpt.restore(step, state_layouts.to_old_guard_layout(abstract_state), data_iter,
-                     zero_if_missing=tuple(f"{state_layouts.OLD_GUARD}/{k}"
-                                           for k in state_layouts.ADDED_LATER))
+                     zero_if_missing=task_state + tuple(f"{state_layouts.OLD_GUARD}/{k}"
+                                                        for k in state_layouts.ADDED_LATER))
   note = "has the loss guard's state in a top-level guard/ (an older layout): read into opt_state"
-  if ckpt.zero_filled:
-    note += (f"; it predates the loss guard's {', '.join(ckpt.zero_filled)} (written by an older "
+  guard_filled = [n for n in ckpt.zero_filled if not n.startswith(f"{state_layouts.TASK_STATE}/")]
+  if guard_filled:
+    note += (f"; it predates the loss guard's {', '.join(guard_filled)} (written by an older "
              "version): they start at 0")
+  task_note = _task_state_note(ckpt.zero_filled)
+  note += f"; {task_note}" if task_note else ""
   return state_layouts.from_old_guard_layout(old, abstract_state), note
+
+
+def _task_state_note(zero_filled: list[str]) -> str | None:
+  if not any(n.startswith(f"{state_layouts.TASK_STATE}/") for n in zero_filled):
+    return None
+  return (f"has no {state_layouts.TASK_STATE} (written before the task kept one): it starts at 0, "
+          "as in a fresh run (a self-distillation teacher is then taken from the student)")
 
 
 def restore_or_init(setup: Setup, config: ml_collections.ConfigDict,

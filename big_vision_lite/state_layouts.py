@@ -22,6 +22,8 @@ import jax
 from big_vision_lite import loss_guard
 
 OLD_GUARD = "guard"  # the previous layout's top-level entry
+# A stateful task's state (tasks/__init__.py); checkpoints written before it existed lack it.
+TASK_STATE = "task_state"
 GUARD_FIELDS = ("losses", "count", "nonfinite", "spikes", "first_nonfinite", "in_a_row",
                 "most_in_a_row")
 ADDED_LATER = ("in_a_row", "most_in_a_row")  # what checkpoints older still may lack

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from big_vision_lite import loss_guard, optim, platform, sharding
+from big_vision_lite import loss_guard, optim, platform, sharding, tasks
 from big_vision_lite.build import Setup
 
 
-def _grads(task: Any, params: Any, batch: dict, rng: jax.Array, grad_accum_steps: int):
+def _grads(loss_fn: Any, params: Any, batch: dict, rng: jax.Array, grad_accum_steps: int):
   """((loss, aux), grads), averaged over `grad_accum_steps` micro-batches."""
-  grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
     return grad_fn(params, batch, rng)
 
@@ -30,7 +31,7 @@ def _grads(task: Any, params: Any, batch: dict, rng: jax.Array, grad_accum_steps
     return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, jax.tree.map(jnp.add, acc_a, a)), None
 
   zeros_g = jax.tree.map(jnp.zeros_like, params)
-  _, aux_shape = jax.eval_shape(task.loss, params, jax.tree.map(lambda x: x[0], micro), rng)
+  _, aux_shape = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
   zeros_a = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
   (grads, loss, aux), _ = jax.lax.scan(
       body, (zeros_g, jnp.zeros((), jnp.float32), zeros_a), (jnp.arange(grad_accum_steps), micro))
@@ -41,14 +42,19 @@ def _grads(task: Any, params: Any, batch: dict, rng: jax.Array, grad_accum_steps
 def make_train_step(setup: Setup, grad_accum_steps: int) -> Callable[[dict, dict], tuple[dict, dict]]:
   """(state, batch) -> (state, metrics), jitted with the state donated.
 
-  A dropped update (loss_guard) leaves params and optimizer state bit for bit as they were.
+  A dropped update (loss_guard) leaves params, optimizer state and task state bit for bit as
+  they were.
   """
   task, tx, lr_fn = setup.task, setup.tx, setup.lr_fn
 
   def step_fn(state, batch):
     params, step = state["params"], state["step"]
     rng = jax.random.fold_in(state["rng"], step)
-    (loss, aux), grads = _grads(task, params, batch, rng, grad_accum_steps)
+    task_state = state.get("task_state")
+    loss_fn = task.loss if task_state is None else functools.partial(
+        task.loss, task_state=task_state, step=step)
+    (loss, aux), grads = _grads(loss_fn, params, batch, rng, grad_accum_steps)
+    stats = aux.pop(tasks.STATE_STATS, None)
     grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params, loss=loss)
     new_params = jax.tree.map(jnp.add, params, updates)
@@ -57,6 +63,11 @@ def make_train_step(setup: Setup, grad_accum_steps: int) -> Callable[[dict, dict
                    "param_norm": optim.global_norm(new_params), "skipped_nonfinite": guard.nonfinite,
                    "skipped_spikes": guard.spikes, **aux}
     new_state = {"params": new_params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}
+    if task_state is not None:
+      accepted = guard.count > loss_guard.find(state["opt_state"]).count
+      updated = task.update_state(task_state, stats, params, new_params, step)
+      new_state["task_state"] = jax.tree.map(lambda n, o: jnp.where(accepted, n, o), updated,
+                                             task_state)
     return new_state, out_metrics
 
   repl = sharding.replicated(setup.mesh)

@@ -42,7 +42,9 @@ class TwoTowers(nn.Module):
 
   @nn.compact
   def __call__(self, image: jax.Array | None, text: jax.Array | None = None, *,
-               train: bool = False) -> tuple[jax.Array | None, jax.Array | None, dict]:
+               train: bool = False, image_kwargs: dict | None = None
+               ) -> tuple[jax.Array | None, jax.Array | None, dict]:
+    """`image_kwargs`: extra keyword arguments of the image model's call (e.g. a patch mask)."""
     out = {}
     dims = (self.out_dim, self.out_dim) if isinstance(self.out_dim, int) else tuple(self.out_dim)
     zimg = ztxt = None
@@ -51,7 +53,8 @@ class TwoTowers(nn.Module):
       if self.image_model in ("vit", "naflex_vit"):
         # A zero-init projection would give all-zero embeddings (undefined direction).
         kw.setdefault("head_zeroinit", False)
-      zimg, out_img = MODELS.get(self.image_model)(name="img", **kw)(image, train=train)
+      zimg, out_img = MODELS.get(self.image_model)(name="img", **kw)(image, train=train,
+                                                                   **(image_kwargs or {}))
       out.update({f"img/{k}": v for k, v in out_img.items()})
       zimg = out["img/norm"] = l2_normalize(zimg)
     if text is not None:

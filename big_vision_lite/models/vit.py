@@ -128,7 +128,10 @@ class ViT(nn.Module):
       raise ValueError(f"unknown {type(self).__name__} posemb {self.posemb!r} (valid: {', '.join(POSEMB_TYPES)})")
 
   @nn.compact
-  def __call__(self, image: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
+  def __call__(self, image: jax.Array, *, train: bool = False, patch_mask: jax.Array | None = None,
+               mask_token: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """`patch_mask` (B, N) bool with `mask_token` (width,): masked patches' embeddings are replaced
+    by the token before the posemb is added (iBOT / TIPS masked image modelling)."""
     self.validate()
     if image.ndim != 4:
       raise ValueError(f"{type(self).__name__} expects images shaped (B, H, W, C), got shape {image.shape}")
@@ -139,6 +142,8 @@ class ViT(nn.Module):
     x = out["stem"] = PatchEmbed(self.width, patch, dtype_mm=dtype_mm, name="embedding")(image)
     n, h, w, c = x.shape
     x = jnp.reshape(x, [n, h * w, c])
+    if patch_mask is not None:
+      x = jnp.where(patch_mask[..., None], mask_token.astype(x.dtype), x)
 
     if self.posemb == "learn":
       pe = self.param("pos_embedding",

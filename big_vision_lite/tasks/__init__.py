@@ -20,6 +20,10 @@ TASKS = Registry("task", "big_vision_lite.tasks")
 
 Batch = Mapping[str, jax.Array]
 
+# The aux entry in which a stateful task's loss hands `update_state` what it needs (batch means,
+# averaged over micro-batches like the metrics); the train step takes it out of the metrics.
+STATE_STATS = "task_state_stats"
+
 
 class Task:
   """Base class. Subclasses implement `loss` and usually `predict_fns`."""
@@ -47,7 +51,28 @@ class Task:
     raise NotImplementedError
 
   def loss(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Scalar training loss and extra scalar metrics (averaged over the batch)."""
+    """Scalar training loss and extra scalar metrics (averaged over the batch).
+
+    A stateful task (init_state not None) is called as loss(params, batch, rng, task_state=...,
+    step=...) and may put its STATE_STATS in the metrics."""
+    raise NotImplementedError
+
+  # A task's own train state (an EMA teacher, running centres), kept in the train state as
+  # `task_state`, checkpointed and restored with it; stateless tasks keep the defaults.
+
+  def init_state(self, params: Any, total_steps: int) -> Any:
+    """The task's state for fresh `params` (called by build with the run's total steps), or None."""
+    del params, total_steps
+    return None
+
+  def state_shardings(self, params_shardings: Any, replicated: Any) -> Any:
+    """Shardings of init_state's tree, given the params' and the replicated one."""
+    raise NotImplementedError
+
+  def update_state(self, task_state: Any, stats: Any, params: Any, new_params: Any,
+                   step: jax.Array) -> Any:
+    """The state after step `step` updated `params` to `new_params` (jitted, in the train step;
+    kept as it was when the loss guard drops the update)."""
     raise NotImplementedError
 
   def predict_fns(self) -> dict[str, Callable[..., Any]]:

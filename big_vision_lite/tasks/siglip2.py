@@ -5,9 +5,10 @@ loss = contrastive + decoder_weight * mean over the tasks of each task's token-a
 The batch carries the text tower's tokens (`labels`) and, per decoder task t, `t_tokens` and
 `t_weights` (ops_locca.locca_targets). The model is "two_towers_decoder".
 
-The later SigLIP 2 parts fit here without another loop: self-distillation would add an EMA
-teacher to the train state and a late-phase weight on its losses; NaFlex is a model and
-preprocessing change under the same loss.
+With `self_distill` (self_distill_phase.py), the last part of training (from `start_fraction`
+of the steps) adds SILC's local-to-global and TIPS' masked-prediction losses against an EMA
+teacher kept in the train state's `task_state`; the model then needs `distill` heads.
+NaFlex is a model and preprocessing change under the same loss.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from big_vision_lite import contrastive_loss, decoding, locca
+from big_vision_lite import contrastive_loss, decoding, locca, self_distill_phase
 from big_vision_lite.config import ConfigError
 from big_vision_lite.data.tokenizers import get_tokenizer
-from big_vision_lite.tasks import TASKS, Batch
+from big_vision_lite.tasks import STATE_STATS as TASK_STATE_STATS, TASKS, Batch
 from big_vision_lite.tasks.contrastive import Contrastive
 
 
@@ -36,10 +37,11 @@ class SigLIP2(Contrastive):
   """Config (`config.task`): those of `contrastive` (loss, chunked, image_key, text_key), plus
   decoder_weight (1.0), tasks (the decoder tasks, default cap, aref, gcap), coord_bins (the
   coordinate tokens' bins; must match the locca_targets op), region_len (likewise),
-  tokenizer ('bvl_shapes')."""
+  tokenizer ('bvl_shapes'), self_distill (None: off; else a dict of
+  self_distill_phase.Settings' fields, {} for the paper's)."""
 
   config_keys = Contrastive.config_keys + ("decoder_weight", "tasks", "coord_bins", "region_len",
-                                           "tokenizer")
+                                           "tokenizer", "self_distill")
 
   def __init__(self, config: ml_collections.ConfigDict, model):
     super().__init__(config, model)
@@ -65,12 +67,32 @@ class SigLIP2(Contrastive):
                         f"{self.vocab.bins} coordinate tokens) has {self.vocab.size}")
     self.required_keys = self.required_keys + tuple(
         f"{t}_{k}" for t in self.tasks for k in ("tokens", "weights"))
+    self.phase = None
+    if config.get("self_distill") is not None:
+      if getattr(model, "distill", None) is None:
+        raise ConfigError("config.model.distill: task 'siglip2' with self_distill needs the "
+                          "model's distill heads (e.g. distill=dict(prototypes=256))")
+      patch = dict(model.image or {}).get("patch_size", (16, 16))
+      patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+      settings = self_distill_phase.settings_from_config(config.self_distill, patch)
+      self.phase = self_distill_phase.Phase(settings, model, patch, self.image_key)
+
+  # ------------------------------------------------------------ the task state (teacher)
+
+  def init_state(self, params, total_steps: int):
+    return None if self.phase is None else self.phase.init_state(params, total_steps)
+
+  def state_shardings(self, params_shardings, replicated):
+    return self.phase.state_shardings(params_shardings, replicated)
+
+  def update_state(self, task_state, stats, params, new_params, step):
+    return self.phase.update_state(task_state, stats, params, new_params, step)
 
   def init_inputs(self, batch: Batch):
     return (self.images(batch), batch[self.text_key],
             {t: batch[f"{t}_tokens"] for t in self.tasks})
 
-  def loss(self, params, batch: Batch, rng: jax.Array):
+  def loss(self, params, batch: Batch, rng: jax.Array, task_state=None, step=None):
     zimg, ztxt, out = self.model.apply(
         {"params": params}, self.images(batch), batch[self.text_key],
         {t: batch[f"{t}_tokens"] for t in self.tasks}, train=True, rngs={"dropout": rng})
@@ -91,7 +113,13 @@ class SigLIP2(Contrastive):
       metrics[f"loss_{t}"] = per_task[-1]
     decoder = sum(per_task) / len(per_task)
     metrics.update(loss_contrastive=contrastive, loss_decoder=decoder)
-    return contrastive + self.decoder_weight * decoder, metrics
+    loss = contrastive + self.decoder_weight * decoder
+    if self.phase is not None:
+      extra, sd_metrics, stats = self.phase.losses(params, batch, rng, task_state, step)
+      metrics.update(sd_metrics)
+      metrics[TASK_STATE_STATS] = stats
+      loss = loss + extra
+    return loss, metrics
 
   # ----------------------------------------------------------------------- prediction
 
