@@ -15,8 +15,11 @@
 # siglip_b16 (Adam lr 1e-3, decoupled wd 1e-4, b2 0.95, clip 1).
 # NOT from the paper (its text was not at hand here; read it and set them): the decoder depth
 # (6, as cappa_b16's), its loss weight (1.0, the three tasks averaged), coordinate bins (1024) and
-# region length (16 tokens). The self-distillation and masked-prediction losses of the last 20%
-# are not implemented yet (issue 28).
+# region length (16 tokens), the DINO heads' prototypes (1024). From 80% of the steps (sd_start)
+# the self-distillation phase (self_distill_phase.py: EMA teacher, SILC local-to-global on 8 local
+# crops at half the resolution, TIPS masked prediction on half the patches; weights 1 and 0.25
+# times the paper's size factor, sd_weight: 0.25 B, 0.5 L, 1.0 So400m); the NaFlex variant trains
+# without it (the phase crops fixed-size images; sd_start=1 there).
 # Expected (published, big_vision's README_siglip2, after the full recipe incl. the late losses):
 # SigLIP 2 B/16 at 256 px, 79.1% ImageNet zero-shot, COCO T->I 53.2 / I->T 69.7. This recipe has
 # NOT been run at scale here (no accelerator data): it is built abstractly at full size
@@ -27,7 +30,8 @@
 # the 257k vocabulary); the paper's 2048 v5e chips hold 16 examples each.
 # Args: variant, res, batch, steps, data=tar|array_record|<tfds name>, files, data_dir, split,
 # text_key, spm, vocab (its size), text_len, dec_depth, decoder_weight, bins, region_len,
-# budget (NaFlex token budget; 0: fixed res x res; configs/siglip2_b16_naflex.py sets 256).
+# budget (NaFlex token budget; 0: fixed res x res; configs/siglip2_b16_naflex.py sets 256),
+# sd_start (1: no self-distillation), sd_weight, local_crops, prototypes.
 """SigLIP 2 recipe: B/16 at 256 (or NaFlex), text 64, LocCa decoder, batch 32k, 40B examples."""
 
 from big_vision_lite.config import ConfigDict, ConfigError, parse_arg
@@ -36,13 +40,15 @@ from big_vision_lite.recipes import image_text_input
 
 EXAMPLES = 40_000_000_000  # the paper's training length
 VOCAB = 256_000  # the Gemma tokenizer's (also the size `plan` gives its stand-in tokenizer)
+SIZE_FACTOR = 0.25  # the self-distillation weights' factor for B (self_distill_phase.py)
 
 
 def get_config(arg=None):
   args = parse_arg(arg, variant="B/16", res=256, batch=32768, steps=0, epochs=0.0, data="tar",
                    files="", data_dir="", split="train", text_key="caption", spm="",
                    vocab=VOCAB, text_len=64, dec_depth=6, decoder_weight=1.0, bins=1024,
-                   region_len=16, budget=0)
+                   region_len=16, budget=0, sd_start=0.8, sd_weight=SIZE_FACTOR,
+                   local_crops=8, prototypes=1024)
   name, _, patch = args.variant.partition("/")
   if not patch:
     raise ConfigError(f"config arg variant: {args.variant!r} has no patch size (e.g. B/16)")
@@ -82,6 +88,13 @@ def get_config(arg=None):
       max_len=args.text_len)
   c.task = dict(name="siglip2", loss="sigmoid", chunked=True, decoder_weight=args.decoder_weight,
                 coord_bins=args.bins, region_len=args.region_len, tokenizer=args.spm)
+  if args.budget and args.sd_start < 1.0:
+    raise ConfigError("config arg sd_start: the NaFlex variant (budget > 0) trains without the "
+                      "self-distillation phase; give sd_start=1")
+  if args.sd_start < 1.0:  # sd_start=1: without the self-distillation phase
+    c.model.distill = dict(prototypes=args.prototypes)
+    c.task.self_distill = dict(start_fraction=args.sd_start, weight=args.sd_weight,
+                               local_crops=args.local_crops)
 
   c.optax_name = "adamw"
   c.optax = dict(b2=0.95)

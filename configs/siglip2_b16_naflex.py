@@ -32,6 +32,7 @@ VOCAB = base.VOCAB
 
 def get_config(arg=None):
   arg = arg or ""
-  if "budget=" not in arg:
-    arg = f"{arg},budget=256" if arg else "budget=256"
+  for key, value in (("budget", "256"), ("sd_start", "1")):  # no self-distillation phase here
+    if f"{key}=" not in arg:
+      arg = f"{arg},{key}={value}" if arg else f"{key}={value}"
   return base.get_config(arg)

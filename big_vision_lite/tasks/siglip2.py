@@ -72,7 +72,13 @@ class SigLIP2(Contrastive):
       if getattr(model, "distill", None) is None:
         raise ConfigError("config.model.distill: task 'siglip2' with self_distill needs the "
                           "model's distill heads (e.g. distill=dict(prototypes=256))")
-      patch = dict(model.image or {}).get("patch_size", (16, 16))
+      image = dict(model.image or {})
+      if getattr(model, "image_model", "vit") != "vit":
+        raise ConfigError(f"config.task.self_distill: the phase crops and masks a fixed-size "
+                          f"image; image_model {model.image_model!r} takes patch sequences")
+      from big_vision_lite.models.vit import decode_variant  # noqa: PLC0415
+      patch = image.get("patch_size") or decode_variant(image.get("variant")).get("patch_size",
+                                                                                  (16, 16))
       patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
       settings = self_distill_phase.settings_from_config(config.self_distill, patch)
       self.phase = self_distill_phase.Phase(settings, model, patch, self.image_key)
