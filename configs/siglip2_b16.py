@@ -15,11 +15,11 @@
 # siglip_b16 (Adam lr 1e-3, decoupled wd 1e-4, b2 0.95, clip 1).
 # NOT from the paper (its text was not at hand here; read it and set them): the decoder depth
 # (6, as cappa_b16's), its loss weight (1.0, the three tasks averaged), coordinate bins (1024) and
-# region length (16 tokens), the DINO heads' prototypes (1024). From 80% of the steps (sd_start)
-# the self-distillation phase (self_distill_phase.py: EMA teacher, SILC local-to-global on 8 local
-# crops at half the resolution, TIPS masked prediction on half the patches; weights 1 and 0.25
-# times the paper's size factor, sd_weight: 0.25 B, 0.5 L, 1.0 So400m); the NaFlex variant trains
-# without it (the phase crops fixed-size images; sd_start=1 there).
+# region length (16 tokens), the DINO heads' prototypes (1024). The self-distillation phase of the
+# last 20% (self_distill_phase.py; `sd_start=0.8`) is off by default here: its local crops have
+# fewer patches than the image, and this tower's learned posemb is not resized for them yet (the
+# task refuses the pair; configs/siglip2_shapes.py trains the phase with a sincos2d posemb). The
+# NaFlex variant trains without it too (the phase crops fixed-size images).
 # Expected (published, big_vision's README_siglip2, after the full recipe incl. the late losses):
 # SigLIP 2 B/16 at 256 px, 79.1% ImageNet zero-shot, COCO T->I 53.2 / I->T 69.7. This recipe has
 # NOT been run at scale here (no accelerator data): it is built abstractly at full size
@@ -47,7 +47,7 @@ def get_config(arg=None):
   args = parse_arg(arg, variant="B/16", res=256, batch=32768, steps=0, epochs=0.0, data="tar",
                    files="", data_dir="", split="train", text_key="caption", spm="",
                    vocab=VOCAB, text_len=64, dec_depth=6, decoder_weight=1.0, bins=1024,
-                   region_len=16, budget=0, sd_start=0.8, sd_weight=SIZE_FACTOR,
+                   region_len=16, budget=0, sd_start=1.0, sd_weight=SIZE_FACTOR,
                    local_crops=8, prototypes=1024)
   name, _, patch = args.variant.partition("/")
   if not patch:
