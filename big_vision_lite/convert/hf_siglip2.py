@@ -11,6 +11,8 @@ the MAP head are SigLIP's (hf_siglip.py).
 from __future__ import annotations
 
 import math
+import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -18,7 +20,7 @@ import numpy as np
 from big_vision_lite.convert import tables, towers
 from big_vision_lite.convert.hf_siglip import (HIDDEN_ACT, _block, hf_text_config, scale_bias,
                                                text_table)
-from big_vision_lite.convert.tables import ConversionError, Table
+from big_vision_lite.convert.tables import ConversionError, Table, UnsupportedExport
 from big_vision_lite.convert.vit import ENC
 
 
@@ -27,7 +29,7 @@ def vision_spec(flat: Mapping[str, np.ndarray], num_heads: int, norm_eps: float 
   """The tower's sizes read from its params (num_heads is not in the shapes)."""
   flat = tables.unscan(flat)
   if "MAPHead_0/probe" not in flat or "head/kernel" in flat or "pre_logits/kernel" in flat:
-    raise ConversionError("Siglip2VisionModel ends at its MAP head: the tower needs "
+    raise UnsupportedExport("Siglip2VisionModel ends at its MAP head: the tower needs "
                           "pool_type='map' and no head or pre_logits (out_dim=(None, D))")
   n_in, width = flat["embedding/kernel"].shape
   patch = math.isqrt(n_in // in_chans)
@@ -135,5 +137,103 @@ def run_model(model, patches: np.ndarray, mask: np.ndarray, shapes: np.ndarray,
               pixel_values=torch.from_numpy(np.asarray(patches, np.float32)),
               pixel_attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
               spatial_shapes=torch.from_numpy(np.asarray(shapes, np.int64)))
+  return dict(zimg=o.image_embeds.float().numpy(), ztxt=o.text_embeds.float().numpy(),
+              logits=o.logits_per_image.float().numpy())
+
+
+# ----------------------------------------------------------------------------
+# The export folder of a run: model, tokenizer and Siglip2 processor files.
+
+_NAFLEX = re.compile(r"naflex_patches\(\s*(\d+)\s*,\s*(\d+)")
+
+
+def max_num_patches_from_config(config: Mapping[str, Any]) -> int | None:
+  """The patch budget of the run's `naflex_patches(P, N)` op (input, else an eval), or None."""
+  pps = [(config.get("input") or {}).get("pp") or ""]
+  pps += [e.get("pp") or "" for e in (config.get("evals") or {}).values() if isinstance(e, dict)]
+  for pp in pps:
+    if (m := _NAFLEX.search(pp)):
+      return int(m.group(2))
+  return None
+
+
+def write_image_processor(out: str, patch: int, max_num_patches: int):
+  """Siglip2ImageProcessor settings of our `value_range(-1, 1)|naflex_patches(P, N)`."""
+  from big_vision_lite.convert import torch_env
+  torch_env.setup()
+  import transformers
+  proc = transformers.Siglip2ImageProcessor(
+      patch_size=patch, max_num_patches=max_num_patches, do_resize=True, resample=2,  # bilinear
+      do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,
+      image_std=[0.5] * 3)
+  proc.save_pretrained(out)
+  return proc
+
+
+def export(flat: Mapping[str, np.ndarray], vspec: Mapping[str, int], txt: towers.TextSpec,
+           has_bias: bool, out: str, *, max_num_patches: int,
+           tokenizer: tuple[str, int] | None = None, eos: str = "yes"
+           ) -> tuple[dict[str, Any], list[str]]:
+  """Writes a `Siglip2Model.from_pretrained(out)` folder with its Siglip2Processor files
+  (tokenizer as hf_siglip writes it); returns (HF config dict, notes)."""
+  from big_vision_lite.convert import hf_siglip
+  os.makedirs(out, exist_ok=True)
+  tok_ids, hf_tok, notes = hf_siglip.tokenizer_files(out, txt.max_len, tokenizer, eos)
+  model = export_model(flat, vspec, txt, has_bias, out=out, tok=tok_ids)
+  proc = write_image_processor(out, vspec["patch"], max_num_patches)
+  if hf_tok is not None:  # what users load: Siglip2Processor.from_pretrained(out)
+    import transformers
+    transformers.Siglip2Processor(image_processor=proc, tokenizer=hf_tok).save_pretrained(out)
+    notes.append(f"Siglip2Processor: pass max_length={txt.max_len} (its default is 64); its "
+                 f"max_num_patches is the run's budget, {max_num_patches}")
+  return model.config.to_dict(), notes
+
+
+def load(out: str):
+  """The exported model, loaded the way a user would (offline)."""
+  from big_vision_lite.convert import torch_env
+  torch_env.setup()
+  import transformers
+  return transformers.Siglip2Model.from_pretrained(out).eval()
+
+
+def fixed_patches(patch: int, max_num_patches: int, seed: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Our NaFlex arrays (value_range(-1, 1)|naflex_patches) of random images of three aspect
+  ratios (square, wide, very tall: posembs resampled both ways, padded rows)."""
+  rng = np.random.default_rng(seed)
+  return naflex_arrays([rng.integers(0, 256, hw + (3,), dtype=np.uint8)
+                        for hw in [(48, 48), (30, 70), (200, 40)]], patch, max_num_patches)
+
+
+def naflex_arrays(images_uint8: list, patch: int, max_num_patches: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(patches, mask, spatial shapes) of `value_range(-1, 1)|naflex_patches(P, N)` on images."""
+  from big_vision_lite.data.ops import get_preprocess_fn
+  pp = get_preprocess_fn(f"value_range(-1, 1)|naflex_patches({patch}, {max_num_patches})")
+  rows = [pp({"image": im}) for im in images_uint8]
+  return tuple(np.stack([r[k] for r in rows]) for k in ("image", "image_mask", "image_shape"))
+
+
+def exact_size_images(patch: int, max_num_patches: int, n: int = 3, seed: int = 0) -> list:
+  """uint8 images that fill the budget exactly in whole patches (a x b, a * b = N): both
+  our op and Siglip2ImageProcessor keep their size, so only the rest of the pipeline shows."""
+  divs = [a for a in range(1, max_num_patches + 1) if max_num_patches % a == 0]
+  picks = [divs[len(divs) // 2], divs[0], divs[-1]][:n]
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (a * patch, max_num_patches // a * patch, 3), dtype=np.uint8)
+          for a in picks]
+
+
+def run_processor(model, out: str, texts: list[str], images_uint8: list, max_len: int
+                  ) -> dict[str, np.ndarray]:
+  """model(**Siglip2Processor(text, images, padding="max_length", max_length=L))."""
+  import torch
+  import transformers
+  proc = transformers.Siglip2Processor.from_pretrained(out)
+  inputs = proc(text=texts, images=list(images_uint8), padding="max_length", max_length=max_len,
+                truncation=True, return_tensors="pt")
+  with torch.no_grad():
+    o = model(**inputs)
   return dict(zimg=o.image_embeds.float().numpy(), ztxt=o.text_embeds.float().numpy(),
               logits=o.logits_per_image.float().numpy())
