@@ -10,6 +10,7 @@ the MAP head are SigLIP's (hf_siglip.py).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -181,11 +182,18 @@ def export(flat: Mapping[str, np.ndarray], vspec: Mapping[str, int], txt: towers
   tok_ids, hf_tok, notes = hf_siglip.tokenizer_files(out, txt.max_len, tokenizer, eos)
   model = export_model(flat, vspec, txt, has_bias, out=out, tok=tok_ids)
   proc = write_image_processor(out, vspec["patch"], max_num_patches)
-  if hf_tok is not None:  # what users load: Siglip2Processor.from_pretrained(out)
+  if hf_tok is not None:
     import transformers
     transformers.Siglip2Processor(image_processor=proc, tokenizer=hf_tok).save_pretrained(out)
-    notes.append(f"Siglip2Processor: pass max_length={txt.max_len} (its default is 64); its "
-                 f"max_num_patches is the run's budget, {max_num_patches}")
+    cls = _tokenizer_class(out)
+    notes.append(f"tokenizer: load it with transformers.{cls}.from_pretrained(OUT) and the "
+                 f"processor as Siglip2Processor(Siglip2ImageProcessor.from_pretrained(OUT), that "
+                 "tokenizer): AutoTokenizer and Siglip2Processor.from_pretrained give a siglip2 "
+                 "folder transformers' Gemma Siglip2Tokenizer whatever its files name")
+    notes.append(f"Siglip2Processor: call it with "
+                 f"{processor_kwargs(vspec['patch'], max_num_patches, txt.max_len)} (its class "
+                 "defaults, patch_size=16, max_num_patches=256, max_length=64, win over the saved "
+                 "files; Siglip2ImageProcessor.from_pretrained alone reads them)")
   return model.config.to_dict(), notes
 
 
@@ -200,7 +208,8 @@ def load(out: str):
 def fixed_patches(patch: int, max_num_patches: int, seed: int = 0
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Our NaFlex arrays (value_range(-1, 1)|naflex_patches) of random images of three aspect
-  ratios (square, wide, very tall: posembs resampled both ways, padded rows)."""
+  ratios (square, wide, very tall: posembs resampled both ways, padded rows; none one patch
+  wide, see exact_size_images)."""
   rng = np.random.default_rng(seed)
   return naflex_arrays([rng.integers(0, 256, hw + (3,), dtype=np.uint8)
                         for hw in [(48, 48), (30, 70), (200, 40)]], patch, max_num_patches)
@@ -217,21 +226,48 @@ def naflex_arrays(images_uint8: list, patch: int, max_num_patches: int
 
 def exact_size_images(patch: int, max_num_patches: int, n: int = 3, seed: int = 0) -> list:
   """uint8 images that fill the budget exactly in whole patches (a x b, a * b = N): both
-  our op and Siglip2ImageProcessor keep their size, so only the rest of the pipeline shows."""
-  divs = [a for a in range(1, max_num_patches + 1) if max_num_patches % a == 0]
+  our op and Siglip2ImageProcessor keep their size, so only the rest of the pipeline shows.
+
+  None is one patch wide: torch's antialiased bilinear F.interpolate (CPU, torch 2.13) returns
+  the first row's mean everywhere when it widens the height and shrinks the width to 1, so
+  Siglip2's posembs are wrong for such images (ours are the resize's)."""
+  divs = [a for a in range(1, max_num_patches + 1) if max_num_patches % a == 0
+          and (max_num_patches // a >= 2 or max_num_patches == 1)]
   picks = [divs[len(divs) // 2], divs[0], divs[-1]][:n]
   rng = np.random.default_rng(seed)
   return [rng.integers(0, 256, (a * patch, max_num_patches // a * patch, 3), dtype=np.uint8)
           for a in picks]
 
 
-def run_processor(model, out: str, texts: list[str], images_uint8: list, max_len: int
-                  ) -> dict[str, np.ndarray]:
-  """model(**Siglip2Processor(text, images, padding="max_length", max_length=L))."""
-  import torch
+def processor_kwargs(patch: int, max_num_patches: int, max_len: int) -> str:
+  """The Siglip2Processor call arguments a run needs, as users type them."""
+  return (f"patch_size={patch}, max_num_patches={max_num_patches}, padding='max_length', "
+          f"max_length={max_len}")
+
+
+def _tokenizer_class(out: str) -> str:
+  with open(os.path.join(out, "tokenizer_config.json")) as f:
+    return json.load(f)["tokenizer_class"]
+
+
+def load_processor(out: str):
+  """The export's Siglip2Processor with the run's tokenizer, as the export's note says to build
+  it (transformers' AutoTokenizer would load the folder's tokenizer as its Gemma
+  Siglip2Tokenizer: it does so for every model_type siglip2)."""
   import transformers
-  proc = transformers.Siglip2Processor.from_pretrained(out)
-  inputs = proc(text=texts, images=list(images_uint8), padding="max_length", max_length=max_len,
+  tok = getattr(transformers, _tokenizer_class(out)).from_pretrained(out)
+  return transformers.Siglip2Processor(
+      image_processor=transformers.Siglip2ImageProcessor.from_pretrained(out), tokenizer=tok)
+
+
+def run_processor(model, out: str, texts: list[str], images_uint8: list, patch: int,
+                  max_num_patches: int, max_len: int) -> dict[str, np.ndarray]:
+  """model(**processor(text, images, patch_size=P, max_num_patches=N, padding="max_length",
+  max_length=L)) with the processor of `load_processor`."""
+  import torch
+  proc = load_processor(out)
+  inputs = proc(text=texts, images=list(images_uint8), patch_size=patch,
+                max_num_patches=max_num_patches, padding="max_length", max_length=max_len,
                 truncation=True, return_tensors="pt")
   with torch.no_grad():
     o = model(**inputs)

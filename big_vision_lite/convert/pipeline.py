@@ -284,7 +284,8 @@ def export_naflex(config: Mapping[str, Any], flat: Mapping[str, np.ndarray],
                       for t in hf_siglip.VERIFY_TEXTS])
       ours = towers.run_ours(flat, ours_model, hf_siglip2.naflex_arrays(images, vspec["patch"], budget),
                              ids)
-      theirs = hf_siglip2.run_processor(model, out, list(hf_siglip.VERIFY_TEXTS), images, tok[1])
+      theirs = hf_siglip2.run_processor(model, out, list(hf_siglip.VERIFY_TEXTS), images,
+                                         vspec["patch"], budget, tok[1])
       diffs.update({f"processor/{k}": v for k, v in
                     towers.max_diff(ours, theirs, "transformers processor").items()})
     result["diffs"] = diffs
