@@ -206,6 +206,21 @@ def test_unknown_image_tower_is_refused(fixed_run, tmp_path, capsys):
       "image tower")
 
 
+def test_a_siglip_run_with_the_trainers_platform_keys_exports(fixed_run, tmp_path):
+  """config.json as the trainer writes it holds config.model.attention_impl / norm_impl (the
+  platform layer's); the parity check's model must not get them."""
+  workdir, _, flat = fixed_run
+  config = json.loads((workdir / "config.json").read_text())
+  config["model_name"] = "two_towers"
+  config["model"] = {k: v for k, v in config["model"].items()
+                     if k in ("image", "text", "out_dim", "temperature_init", "bias_init")}
+  config["model"].update(attention_impl="auto", norm_impl="auto")
+  run = tmp_path / "run"
+  run.mkdir()
+  write_run(run, config, {k: v for k, v in flat.items() if k.split("/")[0] not in DROPPED})
+  assert main(["--workdir", str(run), "--to", "transformers", "--out", str(tmp_path / "o")]) == 0
+
+
 @pytest.mark.slow
 def test_trained_recipe_run_exports_through_the_cli(tmp_path):
   """The user's path end to end: train the shipped recipe a few steps (self-distillation phase

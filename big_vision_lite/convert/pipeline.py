@@ -159,8 +159,10 @@ def inference_model(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], *
   """(the two towers' params, their TwoTowers kwargs) of a two_towers or SigLIP 2
   (two_towers_decoder) run; for the latter, says in one line which training-only params are
   left out."""
+  from big_vision_lite.models import PLATFORM_KEYS
   name = config.get("model_name")
-  model_cfg = dict(config.get("model") or {})
+  # The trainer records the platform layer's choices in config.model; no module takes them.
+  model_cfg = {k: v for k, v in dict(config.get("model") or {}).items() if k not in PLATFORM_KEYS}
   if name == "two_towers":
     return dict(flat), model_cfg
   if name != "two_towers_decoder":
