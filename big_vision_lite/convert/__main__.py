@@ -4,6 +4,8 @@
   python -m big_vision_lite.convert --workdir runs/siglip --to timm --tower img --out out/siglip_img
   python -m big_vision_lite.convert --workdir runs/siglip --to transformers --out out/siglip_hf
   python -m big_vision_lite.convert --workdir runs/siglip --to open_clip --out out/siglip_oc
+  python -m big_vision_lite.convert --workdir runs/siglip2 --to transformers --out out/siglip2_hf
+      (SigLIP 2: SiglipModel for a fixed-resolution tower, Siglip2Model for NaFlex)
   python -m big_vision_lite.convert --from bigvision --in vit.npz --out init.npz [--scan]
       [--image_size 224]  (needed for posemb sincos2d: the params hold no grid)
   python -m big_vision_lite.convert --from bigvision --in ckpt/checkpoint.bv --out init.npz  (tensorstore)
@@ -15,7 +17,7 @@ import argparse
 import sys
 
 from big_vision_lite.convert import pipeline
-from big_vision_lite.convert.tables import ConversionError
+from big_vision_lite.convert.tables import ConversionError, UnsupportedExport
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --workdir ... --to TARGET, or --from KIND --in PATH")
       pipeline.import_file(a.src, a.out, kind=a.from_, scan=a.scan, subtree=a.subtree or "",
                            pool_type=a.pool_type, image_size=a.image_size, verify=a.verify)
+  except UnsupportedExport as e:  # the run's model: a config the target cannot express
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -17,7 +17,7 @@ import numpy as np
 
 from big_vision_lite import storage
 from big_vision_lite.convert import tables, towers
-from big_vision_lite.convert.tables import ConversionError, Table
+from big_vision_lite.convert.tables import ConversionError, Table, UnsupportedExport
 from big_vision_lite.convert.vit import ENC
 from big_vision_lite.models.common import posemb_sincos_2d
 
@@ -29,19 +29,19 @@ def check_supported(spec: towers.TowersSpec) -> None:
   """Raises naming the config key when HF's SiglipModel cannot express our model."""
   img, txt = spec.img, spec.txt
   if img.pool_type != "map":
-    raise ConversionError(f"model.image.pool_type={img.pool_type!r}: transformers' SiglipVisionModel "
+    raise UnsupportedExport(f"model.image.pool_type={img.pool_type!r}: transformers' SiglipVisionModel "
                           "pools with its MAP head only (use 'map', or export with --to open_clip)")
   if img.num_classes:
-    raise ConversionError(f"model.out_dim: the image tower has a projection head (img/head, {img.num_classes} "
+    raise UnsupportedExport(f"model.out_dim: the image tower has a projection head (img/head, {img.num_classes} "
                           "dims) but transformers' SiglipVisionModel ends at the MAP head; train with "
                           "model.out_dim=(None, D) as big_vision's SigLIP does, or export with --to open_clip")
   if img.rep_size:
-    raise ConversionError("model.image.rep_size: pre_logits has no transformers SiglipVisionModel equivalent")
+    raise UnsupportedExport("model.image.rep_size: pre_logits has no transformers SiglipVisionModel equivalent")
   if img.grid[0] != img.grid[1] or img.patch[0] != img.patch[1]:
-    raise ConversionError(f"image size {img.image_size} / patch {img.patch}: transformers' Siglip needs "
+    raise UnsupportedExport(f"image size {img.image_size} / patch {img.patch}: transformers' Siglip needs "
                           "square images and patches")
   if txt.pool_type != "last":
-    raise ConversionError(f"model.text.pool_type={txt.pool_type!r}: transformers' SiglipTextModel pools the "
+    raise UnsupportedExport(f"model.text.pool_type={txt.pool_type!r}: transformers' SiglipTextModel pools the "
                           "last token (use 'last')")
 
 
@@ -242,6 +242,22 @@ def write_image_processor(out: str, size: tuple[int, int]):
   return proc
 
 
+def tokenizer_files(out: str, max_len: int, tokenizer: tuple[str, int] | None, eos: str = "yes"):
+  """Writes the run's tokenizer to `out` (if any); returns (special ids or None, HF tokenizer or
+  None, notes for the user)."""
+  if tokenizer is None:
+    return None, None, ["tokenizer: none found in the run config (no tokenize(...) op): no tokenizer "
+                        "files written"]
+  if tokenizer[1] != max_len:
+    raise ConversionError(f"tokenize max_len {tokenizer[1]} != text pos_embedding length {max_len}")
+  tok_ids, notes, hf_tok = write_tokenizer(out, *tokenizer)
+  if eos != "sticky":
+    notes.append(f"captions over {tokenizer[1] - 1} tokens: the run's tokenize(eos={eos!r}) cut them "
+                 "without an end token; the exported tokenizer ends them in its eos token (shorter "
+                 "captions tokenize the same)")
+  return tok_ids, hf_tok, notes
+
+
 # ----------------------------------------------------------------------------
 
 def export(flat: Mapping[str, np.ndarray], spec: towers.TowersSpec, out: str,
@@ -250,19 +266,7 @@ def export(flat: Mapping[str, np.ndarray], spec: towers.TowersSpec, out: str,
   import torch
   check_supported(spec)
   os.makedirs(out, exist_ok=True)
-  notes: list[str] = []
-  tok_ids, hf_tok = None, None
-  if tokenizer is not None:
-    if tokenizer[1] != spec.txt.max_len:
-      raise ConversionError(f"tokenize max_len {tokenizer[1]} != text pos_embedding length {spec.txt.max_len}")
-    tok_ids, n, hf_tok = write_tokenizer(out, *tokenizer)
-    notes += n
-    if eos != "sticky":
-      notes.append(f"captions over {tokenizer[1] - 1} tokens: the run's tokenize(eos={eos!r}) cut them "
-                   "without an end token; the exported tokenizer ends them in its eos token (shorter "
-                   "captions tokenize the same)")
-  else:
-    notes.append("tokenizer: none found in the run config (no tokenize(...) op): no tokenizer files written")
+  tok_ids, hf_tok, notes = tokenizer_files(out, spec.txt.max_len, tokenizer, eos)
   import transformers
   model = create_model(spec, tok_ids)
   expect = {k: tuple(v.shape) for k, v in model.state_dict().items()}

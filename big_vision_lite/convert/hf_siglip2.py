@@ -10,7 +10,10 @@ the MAP head are SigLIP's (hf_siglip.py).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -18,7 +21,7 @@ import numpy as np
 from big_vision_lite.convert import tables, towers
 from big_vision_lite.convert.hf_siglip import (HIDDEN_ACT, _block, hf_text_config, scale_bias,
                                                text_table)
-from big_vision_lite.convert.tables import ConversionError, Table
+from big_vision_lite.convert.tables import ConversionError, Table, UnsupportedExport
 from big_vision_lite.convert.vit import ENC
 
 
@@ -27,7 +30,7 @@ def vision_spec(flat: Mapping[str, np.ndarray], num_heads: int, norm_eps: float 
   """The tower's sizes read from its params (num_heads is not in the shapes)."""
   flat = tables.unscan(flat)
   if "MAPHead_0/probe" not in flat or "head/kernel" in flat or "pre_logits/kernel" in flat:
-    raise ConversionError("Siglip2VisionModel ends at its MAP head: the tower needs "
+    raise UnsupportedExport("Siglip2VisionModel ends at its MAP head: the tower needs "
                           "pool_type='map' and no head or pre_logits (out_dim=(None, D))")
   n_in, width = flat["embedding/kernel"].shape
   patch = math.isqrt(n_in // in_chans)
@@ -135,5 +138,138 @@ def run_model(model, patches: np.ndarray, mask: np.ndarray, shapes: np.ndarray,
               pixel_values=torch.from_numpy(np.asarray(patches, np.float32)),
               pixel_attention_mask=torch.from_numpy(np.asarray(mask, np.int64)),
               spatial_shapes=torch.from_numpy(np.asarray(shapes, np.int64)))
+  return dict(zimg=o.image_embeds.float().numpy(), ztxt=o.text_embeds.float().numpy(),
+              logits=o.logits_per_image.float().numpy())
+
+
+# ----------------------------------------------------------------------------
+# The export folder of a run: model, tokenizer and Siglip2 processor files.
+
+_NAFLEX = re.compile(r"naflex_patches\(\s*(\d+)\s*,\s*(\d+)")
+
+
+def max_num_patches_from_config(config: Mapping[str, Any]) -> int | None:
+  """The patch budget of the run's `naflex_patches(P, N)` op (input, else an eval), or None."""
+  pps = [(config.get("input") or {}).get("pp") or ""]
+  pps += [e.get("pp") or "" for e in (config.get("evals") or {}).values() if isinstance(e, dict)]
+  for pp in pps:
+    if (m := _NAFLEX.search(pp)):
+      return int(m.group(2))
+  return None
+
+
+def write_image_processor(out: str, patch: int, max_num_patches: int):
+  """Siglip2ImageProcessor settings of our `value_range(-1, 1)|naflex_patches(P, N)`."""
+  from big_vision_lite.convert import torch_env
+  torch_env.setup()
+  import transformers
+  proc = transformers.Siglip2ImageProcessor(
+      patch_size=patch, max_num_patches=max_num_patches, do_resize=True, resample=2,  # bilinear
+      do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,
+      image_std=[0.5] * 3)
+  proc.save_pretrained(out)
+  return proc
+
+
+def export(flat: Mapping[str, np.ndarray], vspec: Mapping[str, int], txt: towers.TextSpec,
+           has_bias: bool, out: str, *, max_num_patches: int,
+           tokenizer: tuple[str, int] | None = None, eos: str = "yes"
+           ) -> tuple[dict[str, Any], list[str]]:
+  """Writes a `Siglip2Model.from_pretrained(out)` folder with its Siglip2Processor files
+  (tokenizer as hf_siglip writes it); returns (HF config dict, notes)."""
+  from big_vision_lite.convert import hf_siglip
+  os.makedirs(out, exist_ok=True)
+  tok_ids, hf_tok, notes = hf_siglip.tokenizer_files(out, txt.max_len, tokenizer, eos)
+  model = export_model(flat, vspec, txt, has_bias, out=out, tok=tok_ids)
+  proc = write_image_processor(out, vspec["patch"], max_num_patches)
+  if hf_tok is not None:
+    import transformers
+    transformers.Siglip2Processor(image_processor=proc, tokenizer=hf_tok).save_pretrained(out)
+    cls = _tokenizer_class(out)
+    notes.append(f"tokenizer: load it with transformers.{cls}.from_pretrained(OUT) and the "
+                 f"processor as Siglip2Processor(Siglip2ImageProcessor.from_pretrained(OUT), that "
+                 "tokenizer): AutoTokenizer and Siglip2Processor.from_pretrained give a siglip2 "
+                 "folder transformers' Gemma Siglip2Tokenizer whatever its files name")
+    notes.append(f"Siglip2Processor: call it with "
+                 f"{processor_kwargs(vspec['patch'], max_num_patches, txt.max_len)} (its class "
+                 "defaults, patch_size=16, max_num_patches=256, max_length=64, win over the saved "
+                 "files; Siglip2ImageProcessor.from_pretrained alone reads them)")
+  return model.config.to_dict(), notes
+
+
+def load(out: str):
+  """The exported model, loaded the way a user would (offline)."""
+  from big_vision_lite.convert import torch_env
+  torch_env.setup()
+  import transformers
+  return transformers.Siglip2Model.from_pretrained(out).eval()
+
+
+def fixed_patches(patch: int, max_num_patches: int, seed: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Our NaFlex arrays (value_range(-1, 1)|naflex_patches) of random images of three aspect
+  ratios (square, wide, very tall: posembs resampled both ways, padded rows; none one patch
+  wide, see exact_size_images)."""
+  rng = np.random.default_rng(seed)
+  return naflex_arrays([rng.integers(0, 256, hw + (3,), dtype=np.uint8)
+                        for hw in [(48, 48), (30, 70), (200, 40)]], patch, max_num_patches)
+
+
+def naflex_arrays(images_uint8: list, patch: int, max_num_patches: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(patches, mask, spatial shapes) of `value_range(-1, 1)|naflex_patches(P, N)` on images."""
+  from big_vision_lite.data.ops import get_preprocess_fn
+  pp = get_preprocess_fn(f"value_range(-1, 1)|naflex_patches({patch}, {max_num_patches})")
+  rows = [pp({"image": im}) for im in images_uint8]
+  return tuple(np.stack([r[k] for r in rows]) for k in ("image", "image_mask", "image_shape"))
+
+
+def exact_size_images(patch: int, max_num_patches: int, n: int = 3, seed: int = 0) -> list:
+  """uint8 images that fill the budget exactly in whole patches (a x b, a * b = N): both
+  our op and Siglip2ImageProcessor keep their size, so only the rest of the pipeline shows.
+
+  None is one patch wide: torch's antialiased bilinear F.interpolate (CPU, torch 2.13) returns
+  the first row's mean everywhere when it widens the height and shrinks the width to 1, so
+  Siglip2's posembs are wrong for such images (ours are the resize's)."""
+  divs = [a for a in range(1, max_num_patches + 1) if max_num_patches % a == 0
+          and (max_num_patches // a >= 2 or max_num_patches == 1)]
+  picks = [divs[len(divs) // 2], divs[0], divs[-1]][:n]
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (a * patch, max_num_patches // a * patch, 3), dtype=np.uint8)
+          for a in picks]
+
+
+def processor_kwargs(patch: int, max_num_patches: int, max_len: int) -> str:
+  """The Siglip2Processor call arguments a run needs, as users type them."""
+  return (f"patch_size={patch}, max_num_patches={max_num_patches}, padding='max_length', "
+          f"max_length={max_len}")
+
+
+def _tokenizer_class(out: str) -> str:
+  with open(os.path.join(out, "tokenizer_config.json")) as f:
+    return json.load(f)["tokenizer_class"]
+
+
+def load_processor(out: str):
+  """The export's Siglip2Processor with the run's tokenizer, as the export's note says to build
+  it (transformers' AutoTokenizer would load the folder's tokenizer as its Gemma
+  Siglip2Tokenizer: it does so for every model_type siglip2)."""
+  import transformers
+  tok = getattr(transformers, _tokenizer_class(out)).from_pretrained(out)
+  return transformers.Siglip2Processor(
+      image_processor=transformers.Siglip2ImageProcessor.from_pretrained(out), tokenizer=tok)
+
+
+def run_processor(model, out: str, texts: list[str], images_uint8: list, patch: int,
+                  max_num_patches: int, max_len: int) -> dict[str, np.ndarray]:
+  """model(**processor(text, images, patch_size=P, max_num_patches=N, padding="max_length",
+  max_length=L)) with the processor of `load_processor`."""
+  import torch
+  proc = load_processor(out)
+  inputs = proc(text=texts, images=list(images_uint8), patch_size=patch,
+                max_num_patches=max_num_patches, padding="max_length", max_length=max_len,
+                truncation=True, return_tensors="pt")
+  with torch.no_grad():
+    o = model(**inputs)
   return dict(zimg=o.image_embeds.float().numpy(), ztxt=o.text_embeds.float().numpy(),
               logits=o.logits_per_image.float().numpy())

@@ -13,10 +13,16 @@ import numpy as np
 from big_vision_lite import storage
 from big_vision_lite.convert import bigvision, tables, timm_vit, towers
 from big_vision_lite.convert import vit as cv
-from big_vision_lite.convert.tables import ConversionError
+from big_vision_lite.convert.tables import ConversionError, UnsupportedExport
 
 TARGETS = ("timm", "transformers", "open_clip")
 ATOL = 1e-4  # What the transformers converters assert in fp32.
+# Top-level params of a SigLIP 2 run (two_towers_decoder) that only training uses: the LocCa
+# decoder, the self-distillation heads and masked prediction's mask token.
+TRAINING_ONLY = ("decoder", "distill_global", "distill_patch", "distill_mask_token")
+# TwoTowers' fields: what of a two_towers_decoder config.model the inference model takes.
+TOWER_FIELDS = ("image", "text", "image_model", "text_model", "out_dim", "temperature_init",
+                "bias_init")
 
 
 def read_run(workdir: str, step: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -125,6 +131,9 @@ def _export_run(config, flat, workdir: str, out: str, *, to: str, subtree: str |
   if to in ("transformers", "open_clip"):
     return export_towers(config, flat, out, to=to, image_size=image_size, verify=verify, atol=atol,
                          log=log, what=workdir, location=location)
+  if (config.get("model") or {}).get("image_model") == "naflex_vit" and (subtree or "img") == "img":
+    raise UnsupportedExport("--to timm: model.image_model='naflex_vit' (SigLIP 2 NaFlex) has no timm "
+                            "model; export it with --to transformers (Siglip2Model)")
   prefix, kw, module = vit_subtree(config, flat, subtree)
   sub = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
   if not prefix and (others := sorted(set(flat) - set(sub))):
@@ -145,18 +154,55 @@ def _export_run(config, flat, workdir: str, out: str, *, to: str, subtree: str |
   return result
 
 
+def inference_model(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], *, to: str,
+                    log=print) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(the two towers' params, their TwoTowers kwargs) of a two_towers or SigLIP 2
+  (two_towers_decoder) run; for the latter, says in one line which training-only params are
+  left out."""
+  from big_vision_lite.models import PLATFORM_KEYS
+  name = config.get("model_name")
+  # The trainer records the platform layer's choices in config.model; no module takes them.
+  model_cfg = {k: v for k, v in dict(config.get("model") or {}).items() if k not in PLATFORM_KEYS}
+  if name == "two_towers":
+    return dict(flat), model_cfg
+  if name != "two_towers_decoder":
+    raise UnsupportedExport(f"--to {to} exports two-tower runs (SigLIP: two_towers, SigLIP 2: "
+                            f"two_towers_decoder); model_name is {name!r} (use --to timm)")
+  kept, dropped = {}, {}
+  for k, v in flat.items():
+    top = k.split("/")[0]
+    if top in TRAINING_ONLY:
+      dropped[top] = dropped.get(top, 0) + int(np.size(v))
+    else:
+      kept[k] = v
+  if dropped:
+    log("left out (training only, not part of the inference model): "
+        + ", ".join(f"{k} ({n:,} params)" for k, n in dropped.items()))
+  return kept, {k: v for k, v in model_cfg.items() if k in TOWER_FIELDS}
+
+
 def export_towers(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], out: str, *, to: str,
                   image_size: int | None = None, verify: bool = True, atol: float = ATOL, log=print,
                   what: str = "run", location: str | None = None) -> dict[str, Any]:
-  """A two_towers run's params -> a transformers SiglipModel or open_clip folder (+ parity check).
+  """A two_towers (or SigLIP 2) run's params -> a transformers SiglipModel / Siglip2Model or
+  open_clip folder (+ parity check).
 
+  SigLIP 2 with a fixed-resolution ViT is a plain SigLIP model (transformers loads
+  google/siglip2-*-patch16-256 as SiglipModel); its NaFlex tower is Siglip2Model.
   `location`: where `out`, a staging folder, is uploaded to; the files name it, not `out`.
   """
   from big_vision_lite.convert import hf_siglip, open_clip_siglip
-  name = config.get("model_name")
-  if name != "two_towers":
-    raise ConversionError(f"--to {to} exports two-tower (SigLIP) runs; model_name is {name!r} (use --to timm)")
-  model_cfg = dict(config.get("model") or {})
+  flat, model_cfg = inference_model(config, flat, to=to, log=log)
+  image_model = model_cfg.get("image_model", "vit")
+  if image_model == "naflex_vit":
+    if to != "transformers":
+      raise UnsupportedExport(f"--to {to}: model.image_model='naflex_vit' (SigLIP 2 NaFlex) has no "
+                              f"{to} model; export it with --to transformers (Siglip2Model)")
+    return export_naflex(config, flat, model_cfg, out, verify=verify, atol=atol, log=log,
+                         what=what, location=location)
+  if image_model != "vit":
+    raise UnsupportedExport(f"model.image_model={image_model!r}: --to {to} exports a 'vit' or "
+                            "'naflex_vit' image tower")
   learned = "img/pos_embedding" in tables.unscan(flat)
   spec = towers.spec_from_params(flat, model_cfg, what=what,
                                  image_size=image_size or (None if learned else image_size_from_pp(config)))
@@ -187,6 +233,69 @@ def export_towers(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], out
       raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {atol:g}")
   if to == "open_clip" and location:
     open_clip_siglip.relocate(out, location)  # after the check, which loads the staged folder
+  return result
+
+
+def export_naflex(config: Mapping[str, Any], flat: Mapping[str, np.ndarray],
+                  model_cfg: Mapping[str, Any], out: str, *, verify: bool = True,
+                  atol: float = ATOL, log=print, what: str = "run",
+                  location: str | None = None) -> dict[str, Any]:
+  """Two towers with a NaFlex image tower -> a transformers Siglip2Model folder with its
+  Siglip2Processor files (+ parity check on our NaFlex arrays and through the processor)."""
+  from big_vision_lite.convert import hf_siglip, hf_siglip2
+  icfg, tcfg = dict(model_cfg.get("image") or {}), dict(model_cfg.get("text") or {})
+  img, txt_p, rest = towers.split(flat, what)
+  if "t" not in rest:
+    raise ConversionError(f"{what}: no 't' (log-temperature) param")
+  if icfg.get("pool_type", "map") != "map":
+    raise UnsupportedExport(f"model.image.pool_type={icfg['pool_type']!r}: transformers' "
+                            "Siglip2VisionModel pools with its MAP head only (use 'map')")
+  query = tables.unscan(img).get(f"{cv.ENC}_0/MultiHeadDotProductAttention_0/query/kernel")
+  if query is None:
+    raise ConversionError(f"{what}/img: no {cv.ENC}_0 attention params: not a NaFlex ViT")
+  vspec = hf_siglip2.vision_spec(img, num_heads=int(query.shape[1]),
+                                 norm_eps=icfg.get("norm_eps", 1e-6))
+  txt = towers.text_spec_from_params(txt_p, pool_type=tcfg.get("pool_type"),
+                                     norm_eps=tcfg.get("norm_eps", 1e-6), what=f"{what}/txt")
+  if txt.pool_type != "last":
+    raise UnsupportedExport(f"model.text.pool_type={txt.pool_type!r}: transformers' "
+                            "Siglip2TextModel pools the last token (use 'last')")
+  budget = hf_siglip2.max_num_patches_from_config(config)
+  if budget is None:
+    raise UnsupportedExport("no naflex_patches(P, N) op in the run's input.pp: the export cannot "
+                            "tell Siglip2ImageProcessor's max_num_patches")
+  tok, eos = hf_siglip.tokenizer_from_config(config), hf_siglip.tokenize_eos_from_config(config)
+  _, notes = hf_siglip2.export(flat, vspec, txt, "b" in rest, out, max_num_patches=budget,
+                               tokenizer=tok, eos=eos)
+  log(f"wrote {location or out} (transformers; load with transformers.Siglip2Model."
+      f"from_pretrained(OUT)): NaFlex patch {vspec['patch']} budget {budget} posemb grid "
+      f"{vspec['grid']} width {vspec['width']}, text len {txt.max_len} vocab {txt.vocab_size}")
+  for n in notes:
+    log(f"note: {n}")
+  result: dict[str, Any] = dict(out=out, vision_spec=vspec, text_spec=txt)
+  if verify:
+    model = hf_siglip2.load(out)
+    ours_model = towers.build_ours(None, model_cfg)
+    patches, texts = hf_siglip2.fixed_patches(vspec["patch"], budget), towers.fixed_texts(txt)
+    diffs = towers.max_diff(towers.run_ours(flat, ours_model, patches, texts),
+                            hf_siglip2.run_model(model, *patches, texts), "transformers")
+    if tok is not None:  # the processor as users call it, on images it keeps at their size
+      from big_vision_lite.data import ops_text
+      images = hf_siglip2.exact_size_images(vspec["patch"], budget, n=len(hf_siglip.VERIFY_TEXTS))
+      ids = np.stack([ops_text.tokenize_text(t, tok[1], tok[0], eos=eos)
+                      for t in hf_siglip.VERIFY_TEXTS])
+      ours = towers.run_ours(flat, ours_model, hf_siglip2.naflex_arrays(images, vspec["patch"], budget),
+                             ids)
+      theirs = hf_siglip2.run_processor(model, out, list(hf_siglip.VERIFY_TEXTS), images,
+                                         vspec["patch"], budget, tok[1])
+      diffs.update({f"processor/{k}": v for k, v in
+                    towers.max_diff(ours, theirs, "transformers processor").items()})
+    result["diffs"] = diffs
+    result["max_abs_diff"] = diff = max(diffs.values())
+    log(f"verify: max |ours - transformers| = {diff:.3g} (limit {atol:g}; "
+        + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()) + ")")
+    if not diff <= atol:
+      raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {atol:g}")
   return result
 
 

@@ -22,6 +22,10 @@ class ConversionError(ValueError):
   """Keys or shapes that a conversion table cannot account for."""
 
 
+class UnsupportedExport(ConversionError):
+  """A run whose model the export target cannot express (the CLI exits 2: a config error)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """`ours` keys <-> `theirs` keys; `to_theirs(ours values)` and `to_ours(their values)`."""

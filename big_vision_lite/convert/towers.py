@@ -123,18 +123,26 @@ def build_ours(spec: TowersSpec, model_cfg: Mapping[str, Any] | None = None, sca
 def fixed_inputs(spec: TowersSpec, batch: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Fixed images in [-1, 1] and token ids (varied lengths, eos then pad 0) for parity checks."""
   images = cv.fixed_images(spec.img, batch=batch, seed=seed)
+  return images, fixed_texts(spec.txt, batch=batch, seed=seed)
+
+
+def fixed_texts(txt: TextSpec, batch: int = 3, seed: int = 0) -> np.ndarray:
+  """Fixed token ids (varied lengths, eos then pad 0) for parity checks."""
   rng = np.random.default_rng(seed + 1)
-  L, V = spec.txt.max_len, spec.txt.vocab_size
+  L, V = txt.max_len, txt.vocab_size
   texts = np.zeros((batch, L), np.int32)
   for i in range(batch):
     n = 1 + (i * 5) % L  # short and full-length texts
     texts[i, :n] = rng.integers(min(3, V - 1), V, n)
-  return images, texts
+  return texts
 
 
-def run_ours(flat: Mapping[str, np.ndarray], model, images: np.ndarray,
+def run_ours(flat: Mapping[str, np.ndarray], model, images: np.ndarray | tuple,
              texts: np.ndarray) -> dict[str, np.ndarray]:
-  """{'zimg', 'ztxt' (L2-normalised), 'logits' (images x texts)} of our model."""
+  """{'zimg', 'ztxt' (L2-normalised), 'logits' (images x texts)} of our model.
+
+  `images`: NHWC, or a NaFlex tower's (patches, mask, spatial shapes) as ops_naflex writes them.
+  """
   import jax
   import jax.numpy as jnp
   params = tables.nest({k: tables.to_f32(v) for k, v in flat.items()})
@@ -144,7 +152,9 @@ def run_ours(flat: Mapping[str, np.ndarray], model, images: np.ndarray,
     logits = out["t"] * zi @ zt.T + out.get("b", jnp.zeros(()))
     return dict(zimg=zi, ztxt=zt, logits=logits)
 
-  res = jax.jit(fwd)(params, images.astype(np.float32), texts.astype(np.int32))
+  images = (tuple(np.asarray(x) for x in images) if isinstance(images, tuple)
+            else images.astype(np.float32))
+  res = jax.jit(fwd)(params, images, texts.astype(np.int32))
   return {k: np.asarray(v, np.float32) for k, v in res.items()}
 
 
