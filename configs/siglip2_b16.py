@@ -16,10 +16,12 @@
 # NOT from the paper (its text was not at hand here; read it and set them): the decoder depth
 # (6, as cappa_b16's), its loss weight (1.0, the three tasks averaged), coordinate bins (1024) and
 # region length (16 tokens), the DINO heads' prototypes (1024). The self-distillation phase of the
-# last 20% (self_distill_phase.py; `sd_start=0.8`) is off by default here: its local crops have
-# fewer patches than the image, and this tower's learned posemb is not resized for them yet (the
-# task refuses the pair; configs/siglip2_shapes.py trains the phase with a sincos2d posemb). The
-# NaFlex variant trains without it too (the phase crops fixed-size images).
+# last 20% (self_distill_phase.py: EMA teacher, SILC local-to-global on 8 half-resolution crops
+# with the learned posemb resized to their grid, TIPS masked prediction; weights 1 and 0.25 times
+# sd_weight, the paper's size factor: 0.25 B, 0.5 L, 1.0 So400m) comes with `sd_start=0.8`; it is
+# off by default here because this recipe's plan (below) was measured without it (checked: at
+# variant=mu/8 on stand-in shards, `sd_start=0.5` trains 4 steps with loss_local / loss_masked
+# from step 3). The NaFlex variant trains without it (the phase crops fixed-size images).
 # Expected (published, big_vision's README_siglip2, after the full recipe incl. the late losses):
 # SigLIP 2 B/16 at 256 px, 79.1% ImageNet zero-shot, COCO T->I 53.2 / I->T 69.7. This recipe has
 # NOT been run at scale here (no accelerator data): it is built abstractly at full size
@@ -73,6 +75,8 @@ def get_config(arg=None):
     # The stored posemb grid: 16 x 16 for B/16 NaFlex (big_vision's nposemb).
     image.update(posemb_grid=args.res // int(patch))
   else:
+    # The learned grid (the same params): resized only for inputs of another size (local crops).
+    image.update(posemb_grid=args.res // int(patch))
     c.input.pp = (f"decode|resize({args.res})|value_range(-1, 1)|{targets}|{tok}|"
                   f"keep('image', 'labels', {dec_keys})")
 

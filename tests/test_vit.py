@@ -384,3 +384,41 @@ def test_attention_matches_flax_reference():
   mask = jnp.asarray(rng.rand(2, 1, 3, 5) > 0.3).at[..., 0].set(True)
   np.testing.assert_allclose(mine.apply(params, q_in, kv_in, mask),
                              ref.apply(params, q_in, kv_in, mask=mask), atol=1e-5, rtol=1e-5)
+
+
+def _np_bilinear_aa(grid: np.ndarray, to: int) -> np.ndarray:
+  """Antialiased bilinear shrink of a square (g, g, d) grid along both axes (triangle kernel
+  widened by the scale, half-pixel centres, weights renormalised at the edges)."""
+  g = grid.shape[0]
+  scale = g / to
+  def weights():
+    w = np.zeros((to, g))
+    for i in range(to):
+      centre = (i + 0.5) * scale - 0.5
+      for j in range(g):
+        w[i, j] = max(0.0, 1 - abs(j - centre) / max(scale, 1.0))
+      w[i] /= w[i].sum()
+    return w
+  w = weights()
+  return np.einsum("ij,jkd,lk->ild", w, grid, w)
+
+
+def test_learned_posemb_grid_resizes_for_smaller_inputs_only():
+  model = get_model("vit", variant="mu/8", num_classes=0, posemb_grid=4, pool_type="gap")
+  plain = get_model("vit", variant="mu/8", num_classes=0, pool_type="gap")
+  image = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), image)["params"])
+  assert params["pos_embedding"].shape == (1, 16, 32)
+  # At its own grid the model is the plain ViT with the same params, bit for bit.
+  np.testing.assert_array_equal(model.apply({"params": params}, image)[0],
+                                plain.apply({"params": params}, image)[0])
+  # A 16 px crop (2 x 2 patches) gets the 4 x 4 grid shrunk with antialiasing.
+  small = image[:, :16, :16]
+  _, out = model.apply({"params": params}, small)
+  stem = out["stem"].reshape(2, 4, -1)
+  got = np.asarray(out["with_posemb"] - stem)[0]
+  want = _np_bilinear_aa(np.asarray(params["pos_embedding"]).reshape(4, 4, 32), 2).reshape(4, 32)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+  # Without the grid the smaller input does not fit the param.
+  with pytest.raises(Exception, match="pos_embedding"):
+    plain.apply({"params": params}, small)

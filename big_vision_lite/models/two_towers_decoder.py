@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from big_vision_lite.models import MODELS
 from big_vision_lite.models import decoder as dec_lib
-from big_vision_lite.models.cappa import decoder_kwargs
+from big_vision_lite.models.cappa import decoder_kwargs, vit_kwargs
 from big_vision_lite.models.two_towers import TwoTowers, l2_normalize
 
 
@@ -61,7 +61,7 @@ class TwoTowersDecoder(TwoTowers):
     return {**super().submodels(), "decoder": (dec_lib.Decoder, self._dec_kw())}
 
   def _dec_kw(self) -> dict[str, Any]:
-    return decoder_kwargs(self.decoder, dict(self.image or {}).get("width", 768), self.vocab_size,
+    return decoder_kwargs(self.decoder, self._image_width(), self.vocab_size,
                           self.max_len)
 
   @nn.compact
@@ -95,9 +95,13 @@ class TwoTowersDecoder(TwoTowers):
       dec(jnp.zeros((out["img/encoded"].shape[0], 1), jnp.int32), out["img/encoded"])  # create its params
     return zimg, ztxt, out
 
+  def _image_width(self) -> int:
+    # The width its variant gives ("B/16": 768), or the explicit one.
+    return int(vit_kwargs(self.image).get("width", 768))
+
   def _distill_kw(self) -> dict[str, int]:
     kw = dict(self.distill or {})
-    width = dict(self.image or {}).get("width", 768)
+    width = self._image_width()
     unknown = set(kw) - {"prototypes", "hidden", "bottleneck"}
     if unknown:
       raise ValueError(f"distill: unknown key {sorted(unknown)[0]!r} (allowed: prototypes, hidden, "
@@ -115,7 +119,7 @@ class TwoTowersDecoder(TwoTowers):
 
   def _mask_token(self) -> jax.Array:
     # iBOT's mask token starts at zero.
-    width = dict(self.image or {}).get("width", 768)
+    width = self._image_width()
     return self.param("distill_mask_token", nn.initializers.zeros, (width,), jnp.float32)
 
   def _heads(self, out: dict) -> dict[str, jax.Array]:

@@ -102,6 +102,14 @@ class PatchEmbed(nn.Module):
     return add_bias(y, bias.astype(self.dtype_mm)).reshape(n, h, w, self.width)
 
 
+def resize_posemb(pe: jax.Array, grid: tuple[int, int], to: tuple[int, int]) -> jax.Array:
+  """A (1, gh * gw, D) learned posemb resized to a (h, w) patch grid: (1, h * w, D), bilinear
+  (antialiased when shrinking, `jax.image.resize`'s default), as DINO/SILC feed smaller crops."""
+  d = pe.shape[-1]
+  grid_pe = pe.reshape(grid[0], grid[1], d)
+  return jax.image.resize(grid_pe, (to[0], to[1], d), "bilinear").reshape(1, to[0] * to[1], d)
+
+
 class ViT(nn.Module):
   """ViT: patchify conv, posemb, transformer encoder, pooling, optional pre-logits and head."""
   num_classes: int | None = None  # None or 0: no head.
@@ -111,6 +119,10 @@ class ViT(nn.Module):
   mlp_dim: int | None = None  # Defaults to 4 * width.
   num_heads: int = 12
   posemb: str = "learn"  # "learn" | "sincos2d"
+  # "learn" only: the learned grid's side (e.g. res // patch). Given, the param is that grid and
+  # inputs with another patch grid (SigLIP 2's local crops) get it resized; None: sized by the
+  # input at init, and only that grid works.
+  posemb_grid: int | None = None
   rep_size: int | bool = False  # Pre-logits dense + tanh; True means `width`.
   dropout: float = 0.0
   pool_type: str = "gap"  # "gap" | "tok" | "map" | "none"
@@ -146,9 +158,12 @@ class ViT(nn.Module):
       x = jnp.where(patch_mask[..., None], mask_token.astype(x.dtype), x)
 
     if self.posemb == "learn":
+      gh, gw = (h, w) if self.posemb_grid is None else (self.posemb_grid, self.posemb_grid)
       pe = self.param("pos_embedding",
                       part(nn.initializers.normal(stddev=1 / np.sqrt(c)), (None, None, "embed")),
-                      (1, h * w, c), jnp.float32)
+                      (1, gh * gw, c), jnp.float32)
+      if (gh, gw) != (h, w):
+        pe = resize_posemb(pe, (gh, gw), (h, w))
     else:
       pe = posemb_sincos_2d(h, w, c)
     # Adding the fp32 posemb promotes a bf16 stem output: the residual stream is fp32.

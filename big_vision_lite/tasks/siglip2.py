@@ -76,10 +76,10 @@ class SigLIP2(Contrastive):
       if getattr(model, "image_model", "vit") != "vit":
         raise ConfigError(f"config.task.self_distill: the phase crops and masks a fixed-size "
                           f"image; image_model {model.image_model!r} takes patch sequences")
-      if image.get("posemb", "learn") == "learn":
-        raise ConfigError("config.task.self_distill: the local crops have fewer patches than the "
-                          "image, and a learned posemb (config.model.image.posemb='learn') is "
-                          "sized for the image's; use posemb='sincos2d'")
+      if image.get("posemb", "learn") == "learn" and not image.get("posemb_grid"):
+        raise ConfigError("config.model.image.posemb_grid: the self-distillation phase's local "
+                          "crops have fewer patches than the image; a learned posemb needs its "
+                          "grid side (res // patch) to be resized for them, or posemb='sincos2d'")
       from big_vision_lite.models.vit import decode_variant  # noqa: PLC0415
       patch = image.get("patch_size") or decode_variant(image.get("variant")).get("patch_size",
                                                                                   (16, 16))
