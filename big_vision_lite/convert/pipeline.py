@@ -225,12 +225,7 @@ def export_towers(config: Mapping[str, Any], flat: Mapping[str, np.ndarray], out
     diffs = towers.max_diff(ours, lib.run_torch(theirs, images, texts), to)
     if to == "transformers" and tok is not None:
       diffs.update(_verify_processor(flat, spec, model_cfg, theirs, out, tok, eos))
-    result["diffs"] = diffs
-    result["max_abs_diff"] = diff = max(diffs.values())
-    log(f"verify: max |ours - {to}| = {diff:.3g} (limit {atol:g}; "
-        + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()) + ")")
-    if not diff <= atol:
-      raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {atol:g}")
+    _check_parity(result, diffs, to, atol, log)
   if to == "open_clip" and location:
     open_clip_siglip.relocate(out, location)  # after the check, which loads the staged folder
   return result
@@ -290,12 +285,7 @@ def export_naflex(config: Mapping[str, Any], flat: Mapping[str, np.ndarray],
                                          vspec["patch"], budget, tok[1])
       diffs.update({f"processor/{k}": v for k, v in
                     towers.max_diff(ours, theirs, "transformers processor").items()})
-    result["diffs"] = diffs
-    result["max_abs_diff"] = diff = max(diffs.values())
-    log(f"verify: max |ours - transformers| = {diff:.3g} (limit {atol:g}; "
-        + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()) + ")")
-    if not diff <= atol:
-      raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {atol:g}")
+    _check_parity(result, diffs, "transformers", atol, log)
   return result
 
 
@@ -423,3 +413,13 @@ def _import_timm_dir(path: str, scan: bool | None) -> tuple[cv.VitSpec, dict[str
                     grid=(img[0] // patch[0], img[1] // patch[1]), pool_type=pool, posemb=posemb,
                     num_classes=args.get("num_classes", 0), rep_size=0)
   return spec, timm_vit.from_state_dict(sd, spec, scan=bool(scan), what=f"{path}")
+
+
+def _check_parity(result: dict, diffs: dict[str, float], to: str, atol: float, log) -> None:
+  """Records the parity check's differences in `result`, logs them, raises past `atol`."""
+  result["diffs"] = diffs
+  result["max_abs_diff"] = diff = max(diffs.values())
+  log(f"verify: max |ours - {to}| = {diff:.3g} (limit {atol:g}; "
+      + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()) + ")")
+  if not diff <= atol:
+    raise ConversionError(f"parity check failed: max abs diff {diff:.3g} > {atol:g}")
