@@ -80,9 +80,8 @@ class SigLIP2(Contrastive):
         raise ConfigError("config.model.image.posemb_grid: the self-distillation phase's local "
                           "crops have fewer patches than the image; a learned posemb needs its "
                           "grid side (res // patch) to be resized for them, or posemb='sincos2d'")
-      from big_vision_lite.models.vit import decode_variant  # noqa: PLC0415
-      patch = image.get("patch_size") or decode_variant(image.get("variant")).get("patch_size",
-                                                                                  (16, 16))
+      from big_vision_lite.models.cappa import vit_kwargs  # noqa: PLC0415 (the variant decoded)
+      patch = vit_kwargs(image).get("patch_size", (16, 16))
       patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
       settings = self_distill_phase.settings_from_config(config.self_distill, patch)
       self.phase = self_distill_phase.Phase(settings, model, patch, self.image_key)
