@@ -45,7 +45,8 @@ def run(script: str, *args: str) -> str:
   return r.stdout
 
 
-@pytest.mark.slow  # over a minute on 2 cores: CI's slow stage runs it
+@pytest.mark.slow  # over a minute on 2 cores
+@pytest.mark.extended
 def test_vs_pytorch_prints_settings_times_and_ratios(tmp_path):
   if importlib.util.find_spec("timm") is None:  # not imported here: torch_env sets torch up
     pytest.skip("timm is not installed (the [torch] extra)")
@@ -125,6 +126,7 @@ def test_layer_grads_pieces_print_all_timings():
 
 
 @pytest.mark.slow  # ~40 s: 17 compiles
+@pytest.mark.extended
 def test_scaling_prints_one_row_per_setting_with_the_trainers_settings():
   out = run("scaling.py", "--steps", "1", "--batch", "4", "--res", "32", "--depth", "1")
   assert re.search(MALLOC_LINE + r"; compiler_options (None|\{.*\})",
@@ -142,6 +144,7 @@ def test_scaling_prints_one_row_per_setting_with_the_trainers_settings():
 
 
 @pytest.mark.slow  # ~30 s: two ViT-S/16 train steps compiled
+@pytest.mark.extended
 def test_moe_vs_dense_prints_both_steps_and_the_ratio():
   out = run("moe_vs_dense.py", "--res", "32", "--batch", "2", "--steps", "1")
   assert re.search(r"1 timed steps each; " + MALLOC_LINE + "$", out, re.M), out
@@ -154,6 +157,7 @@ def test_moe_vs_dense_prints_both_steps_and_the_ratio():
 
 
 @pytest.mark.slow  # ~20 s
+@pytest.mark.extended
 def test_openvision2_vs_ov1_prints_both_steps_and_ratios():
   out = run("openvision2_vs_ov1.py", "--steps", "1", "--batch", "4", "--depth", "1",
             "--text_depth", "1", "--width", "64")
@@ -163,7 +167,8 @@ def test_openvision2_vs_ov1_prints_both_steps_and_ratios():
   assert re.search(r"step-time ratio OV1/OV2: \d+\.\d+x", out), out
 
 
-@pytest.mark.slow  # over a minute on 2 cores: CI's slow stage runs it
+@pytest.mark.slow  # over a minute on 2 cores: CI's bench stage runs it, with its tf.data side
+@pytest.mark.extended
 def test_input_pipeline_prints_each_side_per_core_and_the_ratios():
   out = run("input_pipeline.py", "--toy")
   cores = sorted({1, min(2, os.cpu_count()), os.cpu_count()})

@@ -81,11 +81,12 @@ def _env(cache: str) -> dict:
 
 
 # The built-in-data recipes but the quick start's also train in their own tests (test_siglip,
-# test_cappa, ...): their runs here are in the slow stage; the real recipes stay in the default one.
+# test_cappa, ...): their runs here are in the extended suite; the real recipes stay in the default one.
 SLOW_RUNS = {r for r in RUNS if r.endswith("_shapes") and r != "vit_shapes"}
+EXTENDED = [pytest.mark.slow, pytest.mark.extended]
 
 
-@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW_RUNS else r
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=EXTENDED) if r in SLOW_RUNS else r
                                     for r in sorted(RUNS)])
 def test_recipe_trains_as_launched(recipe, standin, tmp_path):
   args, extra, steps = RUNS[recipe]
@@ -114,6 +115,9 @@ PLANS = {"vit_i1k": "v5e:4x4", "vmoe_i1k": "v5e:4x4", "vmoe_i21k": "v5e:16x16", 
          # 256-chip compile takes ~10 min on 2 cores, the 8-chip one a fraction of it.
          "siglip2_b16": "v5p:2x2x2", "siglip2_b16_naflex": "v5p:2x2x2"}
 PLAN_ARGS = {"siglip2_b16": ":batch=1024", "siglip2_b16_naflex": ":batch=1024"}
+# vit_i1k's plan also compiles the Pallas splash attention: plan then compiles the step twice,
+# with splash and with the XLA attention the recipe runs at 196 tokens, and prints both.
+PLAN_FLAGS = {"vit_i1k": ["--config.model.attention_impl=splash"]}
 
 
 @pytest.mark.parametrize("recipe", sorted(PLANS))
@@ -122,17 +126,27 @@ def test_recipe_plans_for_its_tpu_topology_without_data_or_tokenizer(recipe, tmp
   pytest.importorskip("libtpu", reason="TPU topologies compile with libtpu (pip install .[tpu])")
   out = subprocess.run(
       [sys.executable, "-m", "big_vision_lite.plan", "--config", f"configs/{recipe}.py{PLAN_ARGS.get(recipe, '')}",
-       "--topology", PLANS[recipe], "--json", str(tmp_path / "plan.json")],
+       "--topology", PLANS[recipe], *PLAN_FLAGS.get(recipe, []), "--json", str(tmp_path / "plan.json")],
       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=900, cwd=ROOT)
   assert out.returncode in (0, 2), out.stderr[-3000:]
   if out.returncode == 2:  # only "does not fit" may refuse, never missing data or tokenizer
     assert "does not fit" in out.stderr, out.stderr[-2000:]
-  assert json.loads((tmp_path / "plan.json").read_text())["argument_bytes"] > 0
+  p = json.loads((tmp_path / "plan.json").read_text())
+  assert p["argument_bytes"] > 0
+  if recipe in PLAN_FLAGS:
+    _check_splash(p, out)
 
 
-# The ViT and SigLIP recipes with the Pallas splash attention, for one v5e and one v5p topology
-# (SigLIP at a batch that fits 8 v5p chips); plan prints both attentions' per-chip memory.
-SPLASH_PLANS = {"vit_i1k": ("", "v5e:4x4"), "siglip_b16": (":batch=4096", "v5p:2x2x2")}
+def _check_splash(p: dict, out: subprocess.CompletedProcess) -> None:
+  """The plan compiled splash attention's Pallas calls and reports the XLA attention beside it."""
+  assert p["attention_impl"] == "splash" and p["tpu_custom_calls"] > 0
+  assert p["xla_attention"]["total_bytes"] > 0 and "with the XLA attention" in out.stdout
+
+
+# The SigLIP recipe with the Pallas splash attention on a v5p topology, at a batch that fits 8
+# chips (vit_i1k's splash plan, on v5e, is its recipe plan above); plan prints both attentions'
+# per-chip memory.
+SPLASH_PLANS = {"siglip_b16": (":batch=4096", "v5p:2x2x2")}
 
 
 @pytest.mark.parametrize("recipe", sorted(SPLASH_PLANS))
@@ -145,6 +159,4 @@ def test_recipe_plans_with_splash_attention_on_tpu(recipe, tmp_path):
        "--json", str(tmp_path / "plan.json")],
       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=1800, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
-  p = json.loads((tmp_path / "plan.json").read_text())
-  assert p["attention_impl"] == "splash" and p["tpu_custom_calls"] > 0
-  assert p["xla_attention"]["total_bytes"] > 0 and "with the XLA attention" in out.stdout
+  _check_splash(json.loads((tmp_path / "plan.json").read_text()), out)

@@ -79,6 +79,7 @@ def test_random_signals_then_resume_bitwise(start_cli, run_cli, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(1, 3))  # two more draws: CI's time budget holds no more
+@pytest.mark.extended  # two more draws of the check above
+@pytest.mark.parametrize("seed", range(1, 3))
 def test_random_signals_then_resume_bitwise_more(start_cli, run_cli, tmp_path, seed):
   _check(start_cli, run_cli, tmp_path, 5, seed)
