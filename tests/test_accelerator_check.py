@@ -61,6 +61,7 @@ def test_vit_rows_at_toy_size_without_ml_collections_grain_or_tfds(tmp_path):
 
 
 @pytest.mark.slow  # every row, the timm one too: a few minutes of compiles on a CPU
+@pytest.mark.extended  # the benchmark at toy size
 def test_every_row_at_toy_size(tmp_path):
   out, result = _run(tmp_path)
   rows = result["rows"]

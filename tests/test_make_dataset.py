@@ -160,6 +160,7 @@ def test_console_script_points_at_main():
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the own_folder recipe's README figure; CI trains it small (test_recipes_run)
 def test_real_digits_train_to_95_percent_held_out(tmp_path):
   """docs/data.md "Your own images": scikit-learn's 8x8 digits as PNG folders -> the tool -> the trainer CLI."""
   import subprocess

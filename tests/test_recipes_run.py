@@ -149,6 +149,8 @@ def _check_splash(p: dict, out: subprocess.CompletedProcess) -> None:
 SPLASH_PLANS = {"siglip_b16": (":batch=4096", "v5p:2x2x2")}
 
 
+@pytest.mark.slow  # two compiles of a B/16 two-tower step: CI plans splash on vit_i1k above
+@pytest.mark.extended
 @pytest.mark.parametrize("recipe", sorted(SPLASH_PLANS))
 def test_recipe_plans_with_splash_attention_on_tpu(recipe, tmp_path):
   pytest.importorskip("libtpu", reason="TPU topologies compile with libtpu (pip install .[tpu])")

@@ -151,6 +151,7 @@ def switch_runs():
 
 
 @pytest.mark.slow  # two compiles of the SigLIP 2 step: minutes on 2 loaded cores
+@pytest.mark.extended  # CI's check of the switch is the kill test's metrics below
 def test_before_the_switch_the_step_is_the_plain_siglip2_step(switch_runs):
   (with_sd, _), (without, _) = switch_runs[0.5], switch_runs[1.0]
   for step in (0, 1, 2):  # the states entering steps 0..2: updated by steps < 2 only
@@ -170,6 +171,7 @@ def test_before_the_switch_the_step_is_the_plain_siglip2_step(switch_runs):
 
 
 @pytest.mark.slow  # shares the fixture above
+@pytest.mark.extended
 def test_from_the_switch_the_losses_appear_and_the_teacher_starts_as_the_student(switch_runs):
   history, final = switch_runs[0.5]
   assert int(history[2][0]["task_state"]["ready"]) == 0
