@@ -13,7 +13,8 @@
 # Expected (published, big_vision's README_siglip2): SigLIP 2 NaFlex B/16 at sequence length 256,
 # 78.5% ImageNet zero-shot, COCO T->I 51.1 / I->T 67.3. NOT run at scale here: built abstractly at
 # full size (tests/test_configs.py), trains 3 steps at mu/8 on stand-in tar shards, and is
-# AOT-planned for v5p:8x8x4 with libtpu (tests/test_recipes_run.py): 37.5 GiB per chip of 95 GiB
+# AOT-planned for v5p:8x8x4 with libtpu (tests/test_recipes_run.py plans it at v5p:2x2x2 in its
+# extended part): 37.5 GiB per chip of 95 GiB
 # at 128 examples per chip (2026-12-01; siglip2_b16: 37.0 GiB). The towers
 # map to transformers' Siglip2Model (convert/hf_siglip2.py, outputs within 1e-4 in
 # tests/test_convert_siglip2.py; not yet through the convert CLI).
