@@ -27,7 +27,7 @@
 # NOT been run at scale here (no accelerator data): it is built abstractly at full size
 # (tests/test_configs.py; 827M params with the decoder's 257k-token embeddings), trains 3 steps
 # at mu/8 on stand-in tar shards, and is AOT-planned with libtpu (tests/test_recipes_run.py,
-# its extended part: over 10 min of compile on one core at v5p:2x2x2):
+# its extended part, at v5p:2x2x2; compile times in benchmarks/RESULTS.md):
 # on v5p:8x8x4 (256 chips, 128 examples each) 37.0 GiB per chip of 95 GiB (2026-12-01). On
 # v5e:16x16 it does not fit (28.6 GiB of temporaries > 15.75 GiB HBM: the decoder's logits over
 # the 257k vocabulary); the paper's 2048 v5e chips hold 16 examples each.
