@@ -25,12 +25,9 @@ The training loop is expected to:
 
 from __future__ import annotations
 
-import errno
 import json
-import logging as py_logging
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -44,83 +41,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from big_vision_lite import digest
+# CheckpointError, the item names and flatten_with_names are used through this module too.
+from big_vision_lite.checkpoint_layout import (
+    DATA_ITEM, DIGEST_ITEM, STATE_ITEM, CheckpointError, check_compatible, drop_names,
+    flatten_with_names, read_state_metadata, scan_steps, step_dir_problem, with_zeros)
+from big_vision_lite.save_errors import quiet_failed_saves, short_error
 
-STATE_ITEM = "state"
-DATA_ITEM = "data"
-DIGEST_ITEM = "digest"
-COMMIT_FILE = "commit_success.txt"
 INCOMPLETE_SUFFIX = ".incomplete-"
-
-
-class CheckpointError(Exception):
-  """A checkpoint is missing, incomplete, corrupt or incompatible with the target."""
-
-
-# ----------------------------------------------------------------------------
-# Completeness of a step folder.
-
-def step_dir_problem(step_dir: epath.PathLike) -> str | None:
-  """Returns why `step_dir` is not a complete checkpoint, or None if it is.
-
-  Rule (orbax 0.12.8): it finalizes a step by writing `commit_success.txt` in it
-  (into the tmp dir before the atomic rename on local disks, in place on GCS),
-  so a step folder without it was interrupted mid-save or copied partially.
-  We also require the state item's metadata to parse, and every item named in
-  `_CHECKPOINT_METADATA` to exist, which catches hand-made partial copies.
-  """
-  step_dir = epath.Path(step_dir)
-  if not step_dir.is_dir():
-    return "not a directory"
-  try:
-    committed = _exists(step_dir / COMMIT_FILE)
-  except OSError as e:  # e.g. permission denied: not the same as an interrupted save
-    return f"cannot check {step_dir / COMMIT_FILE}: {type(e).__name__}: {e}"
-  if not committed:
-    return f"no {COMMIT_FILE} (save was interrupted or never finalized)"
-  state_md = step_dir / STATE_ITEM / "_METADATA"
-  try:
-    if "tree_metadata" not in json.loads(state_md.read_text()):
-      return f"{state_md} has no tree_metadata"
-  except (OSError, ValueError) as e:
-    return f"unreadable {state_md}: {type(e).__name__}: {e}"
-  try:
-    items = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text()).get("item_handlers") or {}
-  except (OSError, ValueError) as e:
-    return f"unreadable {step_dir / '_CHECKPOINT_METADATA'}: {type(e).__name__}: {e}"
-  for item in items:
-    if not (step_dir / item).is_dir():
-      return f"item folder {item!r} is missing"
-  return None
-
-
-def _exists(path: epath.Path) -> bool:
-  """Whether `path` exists; unlike Path.exists(), an error other than "not found" is raised."""
-  try:
-    path.stat()
-  except FileNotFoundError:
-    return False
-  return True
-
-
-def scan_steps(directory: epath.PathLike) -> tuple[list[int], dict[int, str]]:
-  """Returns (complete steps ascending, {incomplete step: reason}) under `directory`.
-
-  Only plain-integer folder names are steps; orbax's in-flight
-  `*.orbax-checkpoint-tmp-*` folders and our `*.incomplete-*` ones are not.
-  """
-  directory = epath.Path(directory)
-  complete, incomplete = [], {}
-  if not directory.is_dir():
-    return complete, incomplete
-  for p in directory.iterdir():
-    if not p.name.isdigit() or not p.is_dir():
-      continue
-    problem = step_dir_problem(p)
-    if problem is None:
-      complete.append(int(p.name))
-    else:
-      incomplete[int(p.name)] = problem
-  return sorted(complete), incomplete
 
 
 # ----------------------------------------------------------------------------
@@ -158,127 +85,6 @@ def sigterm_received() -> bool:
   return _SIGTERM.is_set()
 
 
-# ----------------------------------------------------------------------------
-# Tree helpers.
-
-def _key_str(k: Any) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def path_str(path: tuple[Any, ...]) -> str:
-  """'params/Transformer/encoderblock_0/...' for a jax tree path."""
-  return "/".join(_key_str(k) for k in path)
-
-
-def flatten_with_names(tree: Any, is_leaf=None) -> dict[str, Any]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return {path_str(p): v for p, v in leaves}
-
-
-def short_error(e: BaseException, limit: int = 300) -> str:
-  """One line for an orbax/tensorstore error: the innermost cause, without the spec dump.
-
-  A longer first line is cut at `limit`, but an OS error's text (an errno's strerror such as
-  "No space left on device") found anywhere in the chain is kept.
-  """
-  chain, seen = [e], {id(e)}
-  while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
-    chain.append(nxt)
-    seen.add(id(nxt))
-  inner = chain[-1]
-  text = (str(inner).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
-  if len(text) > limit:
-    text = text[:limit] + " ..."
-  everything = " ".join(str(x) for x in chain)
-  causes = [os.strerror(n) for n in sorted(errno.errorcode) if os.strerror(n) in everything]
-  causes = [c for c in causes if c not in text and not any(c in o and c != o for o in causes)]
-  return f"{type(inner).__name__}: {text}" + (f" ({'; '.join(causes)})" if causes else "")
-
-
-# ----------------------------------------------------------------------------
-
-class _DropOrbaxTracebacks(py_logging.Filter):
-  """Drops the tracebacks orbax's background threads log: the error comes back as a CheckpointError."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return not (record.levelno >= py_logging.ERROR and record.exc_info
-                and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-_ORBAX_FILTER = _DropOrbaxTracebacks()
-
-
-def _from_a_save(exc: BaseException | None) -> bool:
-  """Whether `exc` is a failed tensorstore/orbax write (its text or frames name them)."""
-  if exc is None:
-    return False
-  if "tensorstore" in str(exc) or "OCDBT" in str(exc):
-    return True
-  tb = exc.__traceback__
-  while tb is not None:
-    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
-      return True
-    tb = tb.tb_next
-  return False
-
-
-class _DropUnretrievedSaveErrors(py_logging.Filter):
-  """Drops asyncio's "exception was never retrieved" for the other writes of a failed save.
-
-  When one array write of an async save fails (a full disk), orbax raises that one; the
-  sibling writes that failed alike are collected later and asyncio logs each, with its
-  tensorstore spec, as the interpreter exits. The save's error is reported once, as a
-  CheckpointError.
-  """
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    if "exception was never retrieved" not in str(record.msg):
-      return True
-    exc = record.exc_info[1] if record.exc_info else None
-    return not (_from_a_save(exc) or f"{os.sep}orbax{os.sep}" in record.getMessage())
-
-
-_ASYNCIO_FILTER = _DropUnretrievedSaveErrors()
-
-
-def _is_closed_loop_callback(unraisable: Any) -> bool:
-  """tensorstore completing a write of a failed save after orbax closed that save's event loop."""
-  exc = unraisable.exc_value
-  if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
-    return False
-  tb, files = exc.__traceback__, []
-  while tb is not None:
-    files.append(tb.tb_frame.f_code.co_filename)
-    tb = tb.tb_next
-  return bool(files) and all(f"{os.sep}asyncio{os.sep}" in f for f in files)
-
-
-def _quiet_failed_saves() -> None:
-  """Keeps a failed background save to its one CheckpointError (installed once per process).
-
-  Besides orbax's own logged tracebacks (_DropOrbaxTracebacks) a save that hits a full disk
-  makes two more kinds of noise: asyncio's unretrieved-exception logs (_DropUnretrievedSaveErrors)
-  and tensorstore's callbacks into the closed loop, which Python reports as unraisable
-  "RuntimeError: Event loop is closed" tracebacks. Other unraisable errors go to the
-  previous hook unchanged.
-  """
-  py_logging.getLogger("absl").addFilter(_ORBAX_FILTER)
-  py_logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
-  if getattr(sys.unraisablehook, "_bvl_quiet_saves", False):
-    return
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if not _is_closed_loop_callback(unraisable):
-      previous(unraisable)
-  hook._bvl_quiet_saves = True  # type: ignore[attr-defined]
-  sys.unraisablehook = hook
-
-
-
 class Checkpointer:
   """An orbax CheckpointManager over items ("state", "data", "digest") with safety checks."""
 
@@ -288,7 +94,7 @@ class Checkpointer:
     self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
     self._warned: set[str] = set()
     # Orbax logs through absl's logger; its failed saves are re-raised by save() or wait.
-    _quiet_failed_saves()
+    quiet_failed_saves()
     self._set_aside_incomplete()
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -422,7 +228,7 @@ class Checkpointer:
       absent = [n for n in flatten_with_names(abstract_state) if n not in saved
                 and any(n == z or (z.endswith("/") and n.startswith(z)) for z in zero_if_missing)]
     full_abstract = abstract_state
-    abstract_state = _drop_names(abstract_state, set(absent)) if absent else abstract_state
+    abstract_state = drop_names(abstract_state, set(absent)) if absent else abstract_state
     check_compatible(step_dir / STATE_ITEM, abstract_state)
     args = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
@@ -441,7 +247,7 @@ class Checkpointer:
     if not absent:
       return restored[STATE_ITEM]
     self.zero_filled = absent
-    return _with_zeros(restored[STATE_ITEM], full_abstract, set(absent))
+    return with_zeros(restored[STATE_ITEM], full_abstract, set(absent))
 
   def _read_digests(self, step_dir: epath.Path) -> dict[str, Any] | None:
     """The step's digest record; None (with a warning) for a step saved before there were digests."""
@@ -533,63 +339,3 @@ def _check_array_digests(step_dir: epath.Path, record: dict[str, Any], state: An
   if bad:
     raise CheckpointError(f"checkpoint {step_dir}: {len(bad)} array(s) do not match their digest "
                           f"(corrupt data): {bad[:3]}{' ...' if len(bad) > 3 else ''}")
-
-
-# ----------------------------------------------------------------------------
-
-def read_state_metadata(state_dir: epath.PathLike) -> dict[str, Any]:
-  """{'params/a/b': ArrayMetadata(shape, dtype, ...)} for a saved state item."""
-  state_dir = epath.Path(state_dir)
-  try:
-    # The handler (unlike StandardCheckpointer) raises on an unreadable OCDBT
-    # index instead of logging and returning an empty tree.
-    md = ocp.StandardCheckpointHandler().metadata(state_dir)
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"cannot read checkpoint metadata in {state_dir}: {short_error(e)}") from e
-  tree = getattr(md, "tree", md)
-  return flatten_with_names(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-
-
-def _drop_names(tree: Any, names: set[str], prefix: str = "") -> Any:
-  """`tree` (nested dicts) without the leaves named in `names`, nor dicts left empty by that."""
-  if not isinstance(tree, dict):
-    return tree
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}{k}"
-    if name in names:
-      continue
-    sub = _drop_names(v, names, name + "/")
-    if not (isinstance(sub, dict) and not sub and isinstance(v, dict) and v):
-      out[k] = sub
-  return out
-
-
-def _with_zeros(restored: Any, abstract: Any, names: set[str], prefix: str = "") -> Any:
-  """`restored` with each leaf of `abstract` named in `names` added as zeros on its sharding."""
-  if not isinstance(abstract, dict):
-    if prefix.rstrip("/") in names:
-      return jax.device_put(np.zeros(abstract.shape, abstract.dtype), abstract.sharding)
-    return restored
-  have = restored if isinstance(restored, dict) else {}
-  return {k: _with_zeros(have.get(k), v, names, f"{prefix}{k}/") for k, v in abstract.items()}
-
-
-def check_compatible(state_dir: epath.PathLike, abstract_state: Any) -> None:
-  """Raises CheckpointError listing missing/unexpected arrays and shape mismatches."""
-  saved = read_state_metadata(state_dir)
-  wanted = flatten_with_names(abstract_state)
-  problems = []
-  missing = sorted(set(wanted) - set(saved))
-  unexpected = sorted(set(saved) - set(wanted))
-  if missing:
-    problems.append(f"missing arrays {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-  if unexpected:
-    problems.append(f"unexpected arrays {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-  for name in sorted(set(saved) & set(wanted)):
-    s, w = tuple(saved[name].shape), tuple(wanted[name].shape)
-    if s != w:
-      problems.append(f"shape mismatch for {name}: checkpoint {s} vs target {w}")
-  if problems:
-    raise CheckpointError(
-        f"checkpoint {state_dir} does not match the target state: " + "; ".join(problems[:8]))

@@ -15,9 +15,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from big_vision_lite.models.vit import resample_posemb
-from big_vision_lite.checkpoint import (
+from big_vision_lite.checkpoint_layout import (
     STATE_ITEM, CheckpointError, flatten_with_names, path_str, read_state_metadata, scan_steps,
-    short_error, step_dir_problem)
+    step_dir_problem)
+from big_vision_lite.save_errors import short_error
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from big_vision_lite import checkpoint, distributed, pretrained, state_layouts
+from big_vision_lite import checkpoint, checkpoint_layout, distributed, pretrained, state_layouts
 from big_vision_lite.build import Setup
 
 log = logging.getLogger("big_vision_lite")
@@ -22,8 +22,8 @@ def _restore_step(ckpt: checkpoint.Checkpointer, step: int, abstract_state: dict
   # A task state (tasks/__init__.py) a checkpoint written before the task kept one lacks.
   task_state = (f"{state_layouts.TASK_STATE}/",) if state_layouts.TASK_STATE in abstract_state else ()
   # An incomplete step folder: restore() says why, in its own words.
-  if checkpoint.step_dir_problem(step_dir) is not None or not state_layouts.is_old_guard_layout(
-      checkpoint.read_state_metadata(step_dir / checkpoint.STATE_ITEM)):
+  if checkpoint_layout.step_dir_problem(step_dir) is not None or not state_layouts.is_old_guard_layout(
+      checkpoint_layout.read_state_metadata(step_dir / checkpoint_layout.STATE_ITEM)):
     state = ckpt.restore(step, abstract_state, data_iter, zero_if_missing=task_state)
     return state, _task_state_note(ckpt.zero_filled)
   old = ckpt.restore(step, state_layouts.to_old_guard_layout(abstract_state), data_iter,

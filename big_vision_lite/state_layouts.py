@@ -34,7 +34,7 @@ def _is_guard(x: Any) -> bool:
 
 
 def is_old_guard_layout(saved_names: Any) -> bool:
-  """Whether a checkpoint's array names (checkpoint.read_state_metadata) are the old layout."""
+  """Whether a checkpoint's array names (checkpoint_layout.read_state_metadata) are the old layout."""
   return f"{OLD_GUARD}/count" in saved_names
 
 

@@ -100,8 +100,9 @@ def test_tpu_plan_with_splash_attention_against_xla(capsys, tmp_path, topology, 
   assert code == 0 and p["tpu_custom_calls"] == 0 and p["xla_attention"] is None, err
 
 
-@pytest.mark.slow  # compiles V-MoE B/16 for 256 chips: about 2 minutes
-def test_vmoe_recipe_shards_its_experts_on_a_pod(tmp_path, capsys):
+# Slow (V-MoE B/16 compiled for 256 chips); "tpu" in its name puts it in CI's libtpu stage.
+@pytest.mark.slow
+def test_vmoe_recipe_shards_its_experts_on_a_tpu_pod(tmp_path, capsys):
   pytest.importorskip("libtpu")
   path = str(tmp_path / "plan.json")
   cfg = os.path.join(ROOT, "configs/vmoe_i1k.py")

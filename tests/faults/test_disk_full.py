@@ -16,7 +16,8 @@ from orbax.checkpoint._src.path import async_path
 from conftest import COMMON, ROOT, TINY, steps_on_disk
 from helpers import metric_rows
 
-from big_vision_lite.checkpoint import CheckpointError, Checkpointer, short_error
+from big_vision_lite.checkpoint import CheckpointError, Checkpointer
+from big_vision_lite.save_errors import short_error
 
 
 def _state(seed):

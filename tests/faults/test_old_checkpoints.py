@@ -15,7 +15,7 @@ import pytest
 
 from helpers import assert_bitwise_equal, final_params
 
-from big_vision_lite import build, checkpoint, loss_guard, restore
+from big_vision_lite import build, checkpoint, checkpoint_layout, loss_guard, restore
 from big_vision_lite.data import pipeline
 
 NEW_COUNTERS = ("in_a_row", "most_in_a_row")  # what the old layout's guard gained last
@@ -62,7 +62,7 @@ def test_old_layout_resumes_and_ends_bitwise_as_uninterrupted(reference, run_cli
   work.mkdir()
   shutil.copy(os.path.join(ref_dir, "config.json"), work / "config.json")
   setup = _write_old_checkpoint(ref_dir, config, str(work / "checkpoints"), fields)
-  saved = checkpoint.read_state_metadata(work / "checkpoints" / "4" / "state")
+  saved = checkpoint_layout.read_state_metadata(work / "checkpoints" / "4" / "state")
   assert sorted(k for k in saved if k.startswith("guard/")) == sorted(f"guard/{k}" for k in fields)
   assert not any(k.startswith("opt_state/inner_state") or k == "opt_state/count" for k in saved)
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_vision_lite import checkpoint
+from big_vision_lite import checkpoint, checkpoint_layout
 
 
 def test_unreadable_step_names_the_permission_error(tmp_path, monkeypatch):
@@ -27,6 +27,6 @@ def test_unreadable_step_names_the_permission_error(tmp_path, monkeypatch):
       raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     return real(path, *a, **k)
   monkeypatch.setattr(os, "stat", stat)
-  complete, incomplete = checkpoint.scan_steps(tmp_path)
+  complete, incomplete = checkpoint_layout.scan_steps(tmp_path)
   assert complete == [1]
   assert "Permission denied" in incomplete[2] and "interrupted" not in incomplete[2], incomplete[2]
