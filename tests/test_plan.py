@@ -100,8 +100,8 @@ def test_tpu_plan_with_splash_attention_against_xla(capsys, tmp_path, topology, 
   assert code == 0 and p["tpu_custom_calls"] == 0 and p["xla_attention"] is None, err
 
 
-# Slow (V-MoE B/16 compiled for 256 chips); "tpu" in its name puts it in CI's libtpu stage.
-@pytest.mark.slow
+# V-MoE B/16 compiled for 256 chips (minutes); skipped without libtpu, so it runs in CI's
+# libtpu stage ("tpu" in its name) and costs the default suite nothing.
 def test_vmoe_recipe_shards_its_experts_on_a_tpu_pod(tmp_path, capsys):
   pytest.importorskip("libtpu")
   path = str(tmp_path / "plan.json")
