@@ -1,7 +1,8 @@
 """Orbax checkpointing for the trainer: async saves of the train state plus the
 grain data iterator, retention, preemption, and restore onto any mesh.
 
-Layout of a workdir (what orbax 0.12.8 writes; `Checkpointer` reads nothing else):
+Layout of a workdir (what orbax 0.12.8 writes; `Checkpointer` reads nothing else; the names
+and the checks of it are in checkpoint_layout.py):
 
   <dir>/<step>/                      one folder per step, a plain integer name
     commit_success.txt               written by orbax when the step is finalized

@@ -106,6 +106,7 @@ def path_str(path: tuple[Any, ...]) -> str:
 
 
 def flatten_with_names(tree: Any, is_leaf=None) -> dict[str, Any]:
+  """{'params/a/b': leaf} for a jax tree: the array names checkpoints, digests and exports use."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return {path_str(p): v for p, v in leaves}
 
