@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from big_vision_lite.save_errors import short_error
+from big_vision_lite.tree_names import flatten_with_names  # also this module's API
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
@@ -88,27 +89,6 @@ def scan_steps(directory: epath.PathLike) -> tuple[list[int], dict[int, str]]:
     else:
       incomplete[int(p.name)] = problem
   return sorted(complete), incomplete
-
-
-# ----------------------------------------------------------------------------
-# Tree helpers.
-
-def _key_str(k: Any) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def path_str(path: tuple[Any, ...]) -> str:
-  """'params/Transformer/encoderblock_0/...' for a jax tree path."""
-  return "/".join(_key_str(k) for k in path)
-
-
-def flatten_with_names(tree: Any, is_leaf=None) -> dict[str, Any]:
-  """{'params/a/b': leaf} for a jax tree: the array names checkpoints, digests and exports use."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return {path_str(p): v for p, v in leaves}
 
 
 # ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import optax
 
 from big_vision_lite.schedules import make_schedule
 from big_vision_lite.config import ConfigError
+from big_vision_lite.tree_names import path_str
 
 __all__ = ["make_optimizer", "make_schedule", "tree_paths", "match_regexes", "global_norm",
            "OPTAX_NAMES"]
@@ -26,17 +27,9 @@ __all__ = ["make_optimizer", "make_schedule", "tree_paths", "match_regexes", "gl
 
 # ----------------------------------------------------------------------------- tree helpers
 
-def _key_str(key: Any) -> str:
-  for attr in ("key", "name", "idx"):  # DictKey / GetAttrKey / SequenceKey, FlattenedIndexKey
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def tree_paths(tree: Any) -> Any:
   """Returns a tree like `tree` whose leaves are "/"-joined key paths."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "/".join(_key_str(k) for k in path), tree)
+  return jax.tree_util.tree_map_with_path(lambda path, _: path_str(path), tree)
 
 
 def match_regexes(tree: Any, patterns: Sequence[tuple[str, Any]], default: Any, *,

@@ -16,8 +16,8 @@ import orbax.checkpoint as ocp
 
 from big_vision_lite.models.vit import resample_posemb
 from big_vision_lite.checkpoint_layout import (
-    STATE_ITEM, CheckpointError, flatten_with_names, path_str, read_state_metadata, scan_steps,
-    step_dir_problem)
+    STATE_ITEM, CheckpointError, read_state_metadata, scan_steps, step_dir_problem)
+from big_vision_lite.tree_names import flatten_with_names, path_str
 from big_vision_lite.save_errors import short_error
 
 
