@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite import config as config_lib, loss_guard, models, optim, sharding, tasks
-from big_vision_lite.data import ops as pp_ops, sources
+from big_vision_lite.data import ops as pp_ops, sources, sources_mixture
 from big_vision_lite.data.errors import BadInputError
 
 
@@ -44,7 +44,7 @@ def example_batch(input_config: ml_collections.ConfigDict) -> dict[str, np.ndarr
   if len(source) == 0:
     raise ValueError(f"config.input.data: dataset {input_config.data.name!r} split "
                      f"{input_config.data.split!r} is empty")
-  pp = pp_ops.get_preprocess_fn(input_config.pp)
+  pp = sources_mixture.preprocess_for(source, pp_ops.get_preprocess_fn(input_config.pp))
   first_error = None
   for index in range(min(len(source), 100)):
     try:

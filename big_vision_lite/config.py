@@ -356,6 +356,8 @@ def validate(config: ConfigDict, num_devices: int, process_count: int = 1) -> No
   for name, ev in config.evals.items():
     check("type" in ev, f"evals.{name}.type", "missing (e.g. 'classification')")
     if "data" in ev:
+      check(ev.data.get("name") != "mixture", f"evals.{name}.data.name",
+            "a mixture is for training (its epoch repeats members); evaluate each member")
       _check_data(ev.data, f"evals.{name}.data")
     bs = ev.get("batch_size", config.input.batch_size)
     check(bs % batch_devices == 0 and bs % process_count == 0, f"evals.{name}.batch_size",
@@ -400,6 +402,10 @@ def _check_data(data: ConfigDict, key: str) -> None:
     for k in kind.required:
       check(bool(data.get(k)), f"{key}.{k}", f"{name} needs a file pattern or list" if k == "files"
             else f"{name} needs it set")
+    if name == "mixture":
+      from big_vision_lite.data import sources_mixture  # pylint: disable=import-outside-toplevel
+      for member, member_data, _, _ in sources_mixture.members_of(data, f"config.{key}"):
+        _check_data(member_data, f"{key}.members.{member}")
     return
   data_dir = data.get("data_dir")
   check(bool(data_dir), f"{key}.data_dir",

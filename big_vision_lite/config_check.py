@@ -119,6 +119,11 @@ def check_data(data: ml_collections.ConfigDict, key: str) -> None:
     if k not in allowed and v is not None:  # the schema's defaults carry data_dir/files as None
       raise ConfigError(f"{key}.{k}: unknown key for data source {data.get('name')!r}{suggest(k, allowed)} "
                         f"(allowed: {', '.join(allowed)})")
+  if data.get("name") == "mixture":
+    from big_vision_lite.data import sources_mixture  # pylint: disable=import-outside-toplevel
+    for member, member_data, _, pp in sources_mixture.members_of(data, key):
+      check_data(member_data, f"{key}.members.{member}")
+      check_pp(pp, f"{key}.members.{member}.pp")
 
 
 def check_pp(spec: str, key: str) -> None:

@@ -1,4 +1,5 @@
-"""The shapes_caption op: full captions reproduce the dataset's, partial ones keep the shape word."""
+"""The shapes ops: shapes_caption (full captions reproduce the dataset's, partial ones keep the
+shape word) and shapes_as_multi (a bvl_shapes example in bvl_shapes_multi's layout)."""
 
 import numpy as np
 import pytest
@@ -49,3 +50,17 @@ def test_same_rng_same_caption_and_bad_arguments():
     ops.get_preprocess_fn("shapes_caption(1.5)")
   with pytest.raises(ValueError, match="rng"):
     op(_example(0), None)
+
+
+def test_shapes_as_multi_gives_the_several_object_layout_and_its_region():
+  ex = shapes.generate_example("train", 3)
+  out = ops.get_preprocess_fn("shapes_as_multi|shapes_multi_regions")(dict(ex))
+  assert int(out["num_objects"]) == 1
+  np.testing.assert_array_equal(out["labels"], [ex["label"], 0, 0])
+  np.testing.assert_array_equal(out["colors"], [ex["color"], 0, 0])
+  np.testing.assert_array_equal(out["sizes"], [ex["size"], 0, 0])
+  np.testing.assert_array_equal(out["boxes"], np.stack([ex["box"], np.zeros(4), np.zeros(4)]))
+  assert out["caption"] == ex["caption"] and out["background"] == ex["background"]
+  assert not {"label", "color", "size", "position", "box"} & set(out)
+  assert out["region_texts"] == [f"the {shapes.COLOR_NAMES[ex['color']]} {shapes.CLASS_NAMES[ex['label']]}"]
+  np.testing.assert_array_equal(out["region_boxes"], ex["box"][None])

@@ -33,7 +33,7 @@ def test_a_fresh_interpreter_lists_every_component():
   assert {"classification", "contrastive", "captioning"} <= set(names["task"])
   assert {"classification", "zero_shot", "retrieval", "linear_probe"} <= set(names["evaluator"])
   assert {"decode", "resize", "randaug", "tokenize", "shapes_caption"} <= set(names["preprocessing op"])
-  assert names["data source"] == ["array_record", "bvl_shapes", "bvl_shapes_multi", "tar"]
+  assert names["data source"] == ["array_record", "bvl_shapes", "bvl_shapes_multi", "mixture", "tar"]
 
 
 def _package(tmp_path, monkeypatch, files: dict[str, str]) -> str:

@@ -101,12 +101,13 @@ def test_ensure_built_reads_back_and_second_call_is_a_no_op(tmp_path):
 
 
 def test_half_built_dataset_is_rebuilt(tmp_path):
-  version_dir = tmp_path / "bvl_shapes" / "tiny" / "1.0.0"
+  version = str(shapes.BvlShapes.VERSION)
+  version_dir = tmp_path / "bvl_shapes" / "tiny" / version
   version_dir.mkdir(parents=True)
   (version_dir / "bvl_shapes-train.array_record-00000-of-00001").write_bytes(b"truncated")
-  (tmp_path / "bvl_shapes" / "tiny" / "incomplete.ABC_1.0.0").mkdir()
+  (tmp_path / "bvl_shapes" / "tiny" / f"incomplete.ABC_{version}").mkdir()
   shapes.ensure_built(str(tmp_path), config="tiny")
-  assert not (tmp_path / "bvl_shapes" / "tiny" / "incomplete.ABC_1.0.0").exists()
+  assert not (tmp_path / "bvl_shapes" / "tiny" / f"incomplete.ABC_{version}").exists()
   ds = tfds.data_source("bvl_shapes/tiny", split="train", data_dir=str(tmp_path))
   assert len(ds) == shapes.NUM_TRAIN_TINY and ds[len(ds) - 1]["image"].shape == (64, 64, 3)
 
@@ -133,3 +134,20 @@ def test_default_config_is_full_size():
   assert builder.builder_config.num_train == shapes.NUM_TRAIN == 20_000
   assert builder.builder_config.num_validation == shapes.NUM_VALIDATION == 2_000
   assert shapes.default_data_dir()
+
+
+def test_box_is_the_tight_box_of_the_shapes_pixels():
+  # Outside the box the image is background plus noise; each edge row/column of the box holds
+  # a pixel of the shape's colour.
+  for i in range(30):
+    ex = shapes.generate_example("train", i)
+    s = ex["image"].shape[0]
+    y0, x0, y1, x1 = np.round(ex["box"] * s).astype(int)
+    assert 0 <= y0 < y1 <= s and 0 <= x0 < x1 <= s
+    color = np.array(shapes.COLORS[shapes.COLOR_NAMES[ex["color"]]], float)
+    near = np.abs(ex["image"][y0:y1, x0:x1].astype(float) - color).max(-1) <= shapes._NOISE
+    assert near[0].any() and near[-1].any() and near[:, 0].any() and near[:, -1].any()
+    inside = np.zeros((s, s), bool)
+    inside[y0:y1, x0:x1] = True
+    bg = np.array(shapes.BACKGROUNDS[shapes.BACKGROUND_NAMES[ex["background"]]], float)
+    assert np.abs(ex["image"][~inside].astype(float) - bg).max() <= shapes._NOISE

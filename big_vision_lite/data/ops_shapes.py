@@ -1,4 +1,5 @@
-"""Ops for the built-in bvl_shapes dataset: captions re-drawn from its attribute labels."""
+"""Ops for the built-in bvl_shapes dataset: captions re-drawn from its attribute labels, and its
+example in bvl_shapes_multi's layout."""
 
 from __future__ import annotations
 
@@ -48,5 +49,28 @@ def get_shapes_caption(keep_prob: float = 0.5, key_result: str = "caption") -> O
     keep = {a: bool(d < keep_prob) for a, d in zip(_ATTRIBUTES, draws)}
     out = dict(example)
     out[key_result] = partial_caption(**fields, keep=keep)
+    return out
+  return op
+
+
+@OPS.register("shapes_as_multi")
+def get_shapes_as_multi() -> Op:
+  """A bvl_shapes example in bvl_shapes_multi's per-object layout (one object, the other slots
+  zero), so the several-object ops (shapes_multi_regions, locca_targets) read it; `caption`,
+  `background` and `image` are kept."""
+  def op(example: Example, rng=None) -> Example:
+    from big_vision_lite.data import shapes_multi  # pylint: disable=import-outside-toplevel
+    n = shapes_multi.MAX_OBJECTS
+
+    def slots(key: str) -> np.ndarray:
+      out = np.zeros(n, np.int64)
+      out[0] = int(np.asarray(get_key(example, key, "shapes_as_multi")))
+      return out
+
+    boxes = np.zeros((n, 4), np.float32)
+    boxes[0] = np.asarray(get_key(example, "box", "shapes_as_multi"), np.float32)
+    out = {k: v for k, v in example.items() if k not in ("label", "color", "size", "position", "box")}
+    out.update(num_objects=np.int64(1), labels=slots("label"), colors=slots("color"),
+               sizes=slots("size"), boxes=boxes)
     return out
   return op

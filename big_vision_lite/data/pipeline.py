@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from big_vision_lite.data import sources
+from big_vision_lite.data import sources, sources_mixture
 from big_vision_lite.data.errors import BadExample, BadInputError
 from big_vision_lite.config import ConfigError
 
@@ -182,6 +182,8 @@ def _describe(data_config: ml_collections.ConfigDict) -> str:
   name = data_config.get("name")
   if name == "array_record":
     return f"array_record files {data_config.get('files')!r}"
+  if name == sources_mixture.NAME and hasattr(data_config.get("members"), "values"):
+    return f"mixture of {', '.join(_describe(m) for m in data_config.members.values())}"
   return f"{name}:{data_config.get('split')}"
 
 
@@ -240,7 +242,8 @@ def make_train_iterator(
       sampler=sampler,
       shard_options=grain.sharding.NoSharding(),
       operations=[
-          Preprocess(_preprocess_fn(preprocess), where=_describe(data_config),
+          Preprocess(sources_mixture.preprocess_for(source, _preprocess_fn(preprocess)),
+                     where=_describe(data_config),
                      bad_examples=bad_examples, max_bad_fraction=max_bad_fraction),
           _SkipBad(),
           grain.transforms.Batch(per_process, drop_remainder=True),
@@ -400,6 +403,7 @@ def make_eval_iterator(
   process_index, process_count = _processes(process_index, process_count)
   source = sources.get_source(data_config, config_key=f"{config_key}.data")
   return EvalIterable(
-      source, _preprocess_fn(preprocess), global_batch_size=global_batch_size,
+      source, sources_mixture.preprocess_for(source, _preprocess_fn(preprocess)),
+      global_batch_size=global_batch_size,
       process_index=process_index, process_count=process_count,
       where=_describe(data_config), key=config_key)

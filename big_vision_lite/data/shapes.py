@@ -155,6 +155,11 @@ def generate_example(split: str, index: int, *, seed: int = SEED,
 
   img = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
   _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, rot, COLORS[color])
+  # The box of the pixels the shape covers, as bvl_shapes_multi's boxes (drawn alone on a mask).
+  mask = Image.new("L", (image_size, image_size), 0)
+  _draw_shape(ImageDraw.Draw(mask), shape, cx, cy, r, rot, 255)
+  ys, xs = np.nonzero(np.asarray(mask))
+  box = np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], np.float32) / image_size
   # Integer noise shared by the 3 channels: cheap to draw and PNG stays small.
   noise = rng.integers(-_NOISE, _NOISE + 1, size=(image_size, image_size, 1), dtype=np.int16)
   arr = np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8)
@@ -167,6 +172,7 @@ def generate_example(split: str, index: int, *, seed: int = SEED,
       "background": BACKGROUND_NAMES.index(background),
       "position": POSITION_NAMES.index(position),
       "caption": caption_for(shape, color, size, background, position),
+      "box": box,
   }
 
 
@@ -189,8 +195,9 @@ class BvlShapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes on plain backgrounds, with labels and captions."""
 
   # Bump when generation changes: caches are reused by version.
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "The shape's box (ymin, xmin, ymax, xmax in [0, 1]); images unchanged."}
   BUILDER_CONFIGS = [
       BvlShapesConfig(name="default", description="20k train / 2k validation, 64x64."),
       BvlShapesConfig(name="tiny", description="Few examples, for tests.",
@@ -216,6 +223,7 @@ class BvlShapes(tfds.core.GeneratorBasedBuilder):
             "background": tfds.features.ClassLabel(names=list(BACKGROUND_NAMES)),
             "position": tfds.features.ClassLabel(names=list(POSITION_NAMES)),
             "caption": tfds.features.Text(),
+            "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
         }),
         supervised_keys=("image", "label"),
         homepage="https://github.com/google-research/big_vision",
