@@ -403,7 +403,6 @@ def make_eval_iterator(
   process_index, process_count = _processes(process_index, process_count)
   source = sources.get_source(data_config, config_key=f"{config_key}.data")
   return EvalIterable(
-      source, sources_mixture.preprocess_for(source, _preprocess_fn(preprocess)),
-      global_batch_size=global_batch_size,
+      source, _preprocess_fn(preprocess), global_batch_size=global_batch_size,
       process_index=process_index, process_count=process_count,
       where=_describe(data_config), key=config_key)
